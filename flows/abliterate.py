@@ -1,0 +1,212 @@
+"""Abliterate: find a concept direction in the residual stream and remove it from the weights.
+
+Local, on embedded defaults (packaged SmolLM2-135M-Instruct, bundled refusal prompts, local Ray,
+MLflow store ./mlflow.db):
+
+    python -m flows.abliterate
+    python -m flows.abliterate data=french
+
+On a Ray cluster (see cluster/README.md):
+
+    ray job submit --working-dir . -- python -m flows.abliterate model=<hub id or path> data=refusal \
+        ray.address=auto collect.workers=16 collect.gpus_per_worker=1 \
+        output.uri=s3://bucket/models/x mlflow.tracking_uri=http://mlflow:5000
+
+Steps: load -> prompts -> collect (Ray) -> candidates -> score (Ray) -> select -> evaluate before ->
+orthogonalize -> evaluate after -> save -> summary. Every step is tracked in one MLflow run.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import hydra
+import mlflow
+import ray
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig
+from safetensors.torch import save
+
+from flows import _tracking as tracking
+from flows._common import run_entry
+from flows._steps import (
+    collect_sums,
+    evaluate_and_edit,
+    load_concept,
+    log_eval,
+    score_candidates_on_pool,
+    summary_lines,
+)
+from tasks import storage
+from tasks.checkpoint import model_card
+from tasks.config import (
+    PACKAGED_MODEL,
+    CacheConfig,
+    CollectConfig,
+    ConceptConfig,
+    DirectionConfig,
+    EvalConfig,
+    MlflowConfig,
+    ModelOptions,
+    OutputConfig,
+    RayConfig,
+    ScoreConfig,
+    SelectConfig,
+    StorageConfig,
+)
+from tasks.directions import difference_of_means
+from tasks.distributed import WorkerPool
+from tasks.errors import CompalignError
+from tasks.model import inspect_model, resolve_device, resolve_dtype
+from tasks.plots import score_heatmaps
+from tasks.select import choose, rank_candidates
+
+log = logging.getLogger("compalign.abliterate")
+
+
+@dataclass
+class AbliterateConfig:
+    model: str = PACKAGED_MODEL
+    """packaged:smollm2, a hub id, a directory with a safetensors checkpoint, or a .gguf file."""
+    model_options: ModelOptions = field(default_factory=ModelOptions)
+    data: ConceptConfig = MISSING
+    """The concept (config group conf/data: refusal, french)."""
+    collect: CollectConfig = field(default_factory=CollectConfig)
+    direction: DirectionConfig = field(default_factory=DirectionConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
+    select: SelectConfig = field(default_factory=SelectConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+
+
+ConfigStore.instance().store(name="abliterate_schema", node=AbliterateConfig)
+
+
+def abliterate(cfg: AbliterateConfig, raw: DictConfig) -> dict:
+    storage.configure(cfg.storage)
+
+    # 1. Inspect the model (config and tokenizer, no weights) and load the prompt sets: every input is
+    #    checked before a worker starts or a run is recorded.
+    spec = inspect_model(cfg.model, cfg.model_options)
+    concept = load_concept(cfg.data, spec.tokenizer, cfg.collect, cfg.eval)
+    dtype = str(resolve_dtype(cfg.model_options, resolve_device(cfg.model_options))).removeprefix("torch.")
+
+    with tracking.run(cfg.mlflow, f"abliterate-{cfg.data.name}", tags={"flow": "abliterate"}) as active:
+        tracking.log_config(raw)
+        mlflow.log_params({f"fingerprint.{k}": v for k, v in concept.fingerprints.items()})
+        mlflow.set_tags({"model_identity": spec.identity, "concept": cfg.data.name})
+        pool = WorkerPool(cfg.model, cfg.model_options, cfg.collect, cfg.ray)
+        try:
+            # 2. Collect residual activation sums on the train split (sharded on Ray; cached by content).
+            target_sums, baseline_sums, cached = collect_sums(
+                pool, spec, concept, cfg.collect, cfg.cache.uri, dtype
+            )
+            mlflow.set_tag("activation_cache", "hit" if cached else "miss")
+
+            # 3. Candidate directions: difference of means per (layer, position).
+            candidates = difference_of_means(target_sums, baseline_sums, projected=cfg.direction.projected)
+            tracking.log_tensors(
+                {"directions": candidates.directions, "norms": candidates.norms}, "candidates.safetensors"
+            )
+
+            # 4. Score candidates on the validation split: bypass, induce, KL (screen, then finalists).
+            scoring = score_candidates_on_pool(
+                pool, concept, candidates, spec.n_layers, cfg.score, cfg.select
+            )
+            clean_target, clean_baseline = scoring.clean
+            mlflow.log_metrics(
+                {"val.clean_target_log_odds": clean_target, "val.clean_baseline_log_odds": clean_baseline}
+            )
+
+            # 5. Select: drop candidates past the layer cut-off, over the KL limit or inducing too little;
+            #    the lowest bypass wins. The whole ranked table and its heatmap are logged first.
+            table = rank_candidates(
+                scoring.scores, spec.n_layers, cfg.select, clean_baseline, scoring.screened
+            )
+            tracking.log_table(table, "candidate_scores.csv")
+            best = choose_and_plot(table, cfg.select)
+            layer, position = best
+            direction = candidates.get(layer, position)
+            chosen = table[(table.layer == layer) & (table.position == position)].iloc[0]
+            mlflow.log_params({"chosen.layer": layer, "chosen.position": position})
+            mlflow.log_metrics({f"chosen.{k}": float(chosen[k]) for k in ("bypass", "induce", "kl")})
+            tracking.log_tensors(
+                {"direction": direction},
+                "chosen.safetensors",
+                {"layer": str(layer), "position": str(position)},
+            )
+
+            # 6-8. Evaluate the unedited model, orthogonalize a copy, evaluate that (on two workers at once).
+            before, after, editor = evaluate_and_edit(pool, concept, cfg.data.judge, cfg.eval, direction)
+            log_eval(before, after)
+
+            # 9. Save the edited checkpoint (staged, then moved into place) and track it.
+            location = None
+            if cfg.output.save:
+                uri = cfg.output.uri or f"checkpoints/{active.info.run_id}"
+                card = _card(cfg, layer, position, active.info.run_id)
+                extra = {"direction.safetensors": save({"direction": direction.contiguous()})}
+                location = ray.get(pool.submit(editor, "save", uri, card, extra))
+                tracking.log_checkpoint(cfg.mlflow.checkpoint, location)
+        finally:
+            pool.shutdown()
+
+        # 10. Summary.
+        result = {
+            "run_id": active.info.run_id,
+            "layer": layer,
+            "position": position,
+            "n_positions": candidates.n_positions,
+            "before": before,
+            "after": after,
+            "checkpoint": location,
+            "table": table,
+        }
+        for line in summary_lines(cfg.data.name, cfg.model, result):
+            log.info("%s", line)
+        log.info("MLflow: %s", tracking.ui_hint(cfg.mlflow))
+        return result
+
+
+def choose_and_plot(table, select: SelectConfig) -> tuple[int, int]:
+    """Log the heatmap (with the chosen candidate marked when there is one), then choose."""
+    try:
+        best = choose(table, select)
+    except CompalignError:
+        _log_heatmap(table, None)
+        raise
+    _log_heatmap(table, best)
+    return best
+
+
+def _log_heatmap(table, chosen: tuple[int, int] | None) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        tracking.log_file(score_heatmaps(table, Path(tmp) / "candidate_scores.png", chosen))
+
+
+def _card(cfg: AbliterateConfig, layer: int, position: int, run_id: str) -> str:
+    return model_card(
+        cfg.model,
+        {"concept": cfg.data.name, "layer": layer, "position": position, "mlflow_run": run_id},
+        f"# {cfg.model} with the `{cfg.data.name}` direction removed\n\n"
+        f"Weight-orthogonalized by compalign: the difference-of-means direction of source layer {layer}, "
+        f"position {position} was projected out of the token embeddings, every attention output projection "
+        f"and every MLP down projection (MLflow run `{run_id}`, experiment `{cfg.mlflow.experiment}`). "
+        "The direction is stored beside the weights as direction.safetensors.",
+    )
+
+
+@hydra.main(config_path="../conf", config_name="abliterate", version_base=None)
+def main(raw: DictConfig) -> dict:
+    return run_entry(raw, AbliterateConfig, abliterate)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,338 @@
+"""Typed configuration shared by the flows.
+
+Values live in ``conf/*.yaml``; these dataclasses are the schema (registered with Hydra's
+ConfigStore in ``flows/_hydra.py``) and are built once per run with ``OmegaConf.to_object``,
+which runs every ``__post_init__`` check. A check's message names the key and what to change.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from omegaconf import MISSING
+
+from tasks.errors import ConfigError
+
+PACKAGED_MODEL = "packaged:smollm2"
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _check_fraction(name: str, value: float, low_open: bool = True) -> None:
+    _require(
+        not math.isnan(value) and (0 < value <= 1 if low_open else 0 <= value < 1),
+        f"{name} must be in {'(0, 1]' if low_open else '[0, 1)'}, got {value}",
+    )
+
+
+@dataclass
+class ModelOptions:
+    """How the model named by the top-level ``model`` key is loaded."""
+
+    dtype: str = "auto"
+    """auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16 or float16."""
+    device: str = "auto"
+    """auto (cuda when available, else cpu), cpu, cuda or cuda:N."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) for a hub id; part of the model's identity."""
+    trust_remote_code: bool = False
+    """Let transformers run code shipped with a hub model. Off unless you trust the repository."""
+    chat_template: str | None = None
+    """Jinja chat template for a tokenizer that has none (otherwise the tokenizer's own is used)."""
+    convert_cache: str | None = None
+    """Directory where a GGUF model is converted to safetensors once (default ~/.cache/compalign/models)."""
+
+    def __post_init__(self) -> None:
+        _require(
+            self.dtype in ("auto", "float32", "bfloat16", "float16"),
+            f"model_options.dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}",
+        )
+        _require(
+            self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
+            f"model_options.device must be auto, cpu, cuda or cuda:N, got {self.device!r}",
+        )
+
+
+@dataclass
+class PromptSource:
+    """Where one prompt set comes from."""
+
+    source: str = MISSING
+    """bundled:<name> (tasks/data/prompts/<name>.jsonl), a jsonl/csv/txt/parquet file (local path or
+    fsspec URL such as s3://bucket/key.jsonl), or hf:<dataset name> read through `datasets`."""
+    column: str = "prompt"
+    """Column (jsonl/csv/parquet/hf) holding the prompt text; ignored for txt (one prompt per line)."""
+    split: str = "train"
+    """Dataset split, for hf: sources only."""
+    limit: int | None = None
+    """Keep only the first N prompts (before the train/val/test split)."""
+
+    def __post_init__(self) -> None:
+        _require(
+            bool(self.source),
+            "a prompt source must not be empty (set data.target.source / data.baseline.source)",
+        )
+        _require(self.limit is None or self.limit > 0, f"prompt source limit must be > 0, got {self.limit}")
+
+
+@dataclass
+class JudgeConfig:
+    """How a generated answer is judged to show the concept's behaviour."""
+
+    kind: str = "refusal"
+    """refusal (substring list) or language (share of the target language's function words)."""
+    phrases: list[str] = field(default_factory=list)
+    """refusal: substrings (case-insensitive) that mark a refusal; empty means the built-in list."""
+    language: str = "fr"
+    """language: ISO code of the language that counts as the behaviour (fr or en)."""
+
+    def __post_init__(self) -> None:
+        _require(
+            self.kind in ("refusal", "language"),
+            f"data.judge.kind must be refusal or language, got {self.kind!r}",
+        )
+        _require(
+            self.kind != "language" or self.language in ("fr", "en"),
+            f"data.judge.language must be fr or en, got {self.language!r}",
+        )
+
+
+@dataclass
+class SplitConfig:
+    """Seeded train/validation/test split of each prompt set."""
+
+    val: float = 0.25
+    """Fraction of each set used to score and select candidates."""
+    test: float = 0.25
+    """Fraction held out for the before/after evaluation (never used for selection)."""
+    seed: int = 0
+    """Seed of the shuffle. Sets of equal length get the same permutation, so paired sets stay paired."""
+
+    def __post_init__(self) -> None:
+        for name, value in (("val", self.val), ("test", self.test)):
+            _require(0 < value < 1, f"data.split.{name} must be in (0, 1), got {value}")
+        _require(
+            self.val + self.test < 1,
+            f"data.split.val + data.split.test must be < 1, got {self.val + self.test}",
+        )
+
+
+@dataclass
+class ConceptConfig:
+    """A concept: two contrastive prompt sets, how its behaviour is scored and how it is judged."""
+
+    name: str = MISSING
+    """Short name, used in run names and the model card (refusal, french, ...)."""
+    target: PromptSource = field(default_factory=PromptSource)
+    """Prompts that show the behaviour (harmful requests for refusal, French questions for french)."""
+    baseline: PromptSource = field(default_factory=PromptSource)
+    """Contrast prompts that do not (harmless requests, the same questions in English)."""
+    score_tokens: list[str] = field(default_factory=list)
+    """Strings whose first tokens mark the behaviour at the first generated position; the score is the
+    log-odds of their summed probability."""
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
+
+    def __post_init__(self) -> None:
+        _require(
+            len(self.score_tokens) > 0,
+            f"data.score_tokens must list at least one string for concept {self.name!r}",
+        )
+
+
+@dataclass
+class RayConfig:
+    """Where Ray work runs."""
+
+    address: str | None = None
+    """null starts a local Ray; auto joins the cluster this process runs on; or ray://host:10001."""
+    num_cpus: int | None = None
+    """CPUs of a local Ray (null: all of this machine's). Ignored when joining a cluster."""
+    pack_on_one_node: bool = False
+    """Place all of one model's workers on one node (STRICT_PACK placement group)."""
+    log_to_driver: bool = True
+    """Forward worker logs to the driver (warnings and above reach it either way)."""
+
+    def __post_init__(self) -> None:
+        _require(self.num_cpus is None or self.num_cpus > 0, f"ray.num_cpus must be > 0, got {self.num_cpus}")
+
+
+@dataclass
+class MlflowConfig:
+    """Run tracking."""
+
+    tracking_uri: str = "sqlite:///mlflow.db"
+    """MLflow tracking URI: sqlite:///file.db (default, in the working directory) or http://server:5000."""
+    experiment: str = "compalign"
+    """Experiment name; every run of a flow (and every run of a multirun) lands in it."""
+    run_name: str | None = None
+    """Run name (default: flow, concept and model)."""
+    checkpoint: str = "reference"
+    """How the saved checkpoint is tracked: artifact (copied into MLflow), reference (its URI as a tag
+    and a small JSON artifact) or none."""
+
+    def __post_init__(self) -> None:
+        _require(
+            self.checkpoint in ("artifact", "reference", "none"),
+            f"mlflow.checkpoint must be artifact, reference or none, got {self.checkpoint!r}",
+        )
+
+
+@dataclass
+class StorageConfig:
+    """Credentials and endpoint for fsspec URLs (s3://...). Secrets are read from the environment."""
+
+    s3_endpoint_url: str | None = None
+    """S3-compatible endpoint (MinIO, moto, ...); default: AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL or AWS."""
+    s3_region: str | None = None
+    """Region; default: AWS_DEFAULT_REGION or the bucket's."""
+
+
+@dataclass
+class CollectConfig:
+    """Activation collection and the Ray worker pool that also scores candidates."""
+
+    workers: int = 2
+    """Ray actors that each load the model once; prompts are sharded over them."""
+    cpus_per_worker: float = 1
+    """CPUs reserved per worker (also its torch thread count)."""
+    gpus_per_worker: float = 0
+    """GPUs per worker (1 on a GPU cluster)."""
+    batch_size: int = 16
+    """Prompts per forward pass."""
+    positions: int | None = None
+    """How many of the last post-instruction positions to record (null: all of the template's suffix)."""
+
+    def __post_init__(self) -> None:
+        _require(self.workers > 0, f"collect.workers must be > 0, got {self.workers}")
+        _require(self.cpus_per_worker > 0, f"collect.cpus_per_worker must be > 0, got {self.cpus_per_worker}")
+        _require(
+            self.gpus_per_worker >= 0, f"collect.gpus_per_worker must be >= 0, got {self.gpus_per_worker}"
+        )
+        _require(self.batch_size > 0, f"collect.batch_size must be > 0, got {self.batch_size}")
+        _require(
+            self.positions is None or self.positions > 0,
+            f"collect.positions must be > 0, got {self.positions}",
+        )
+
+
+@dataclass
+class DirectionConfig:
+    """How candidate directions are formed from the activation means."""
+
+    projected: bool = False
+    """Remove each difference of means' component along the baseline mean before normalising."""
+
+
+@dataclass
+class ScoreConfig:
+    """Scoring of candidate directions on the validation prompts."""
+
+    candidates_per_pass: int = 4
+    """Candidates stacked into one forward pass (memory grows with it)."""
+    batch_size: int = 16
+    """Prompts per candidate in one forward pass."""
+    induce_scale: float = 1.0
+    """The induce score adds scale * (difference of means) at the direction's own layer."""
+    max_prompts: int | None = None
+    """Use at most this many validation prompts of each set (null: all)."""
+    screen_prompts: int | None = 8
+    """Two-stage search: first score every candidate on this many validation prompts of each set, then
+    only the ``finalists`` best on all of them (null: score every candidate on all, one stage)."""
+    finalists: int = 16
+    """How many screened candidates are scored in full."""
+
+    def __post_init__(self) -> None:
+        _require(
+            self.candidates_per_pass > 0,
+            f"score.candidates_per_pass must be > 0, got {self.candidates_per_pass}",
+        )
+        _require(self.batch_size > 0, f"score.batch_size must be > 0, got {self.batch_size}")
+        _require(
+            math.isfinite(self.induce_scale),
+            f"score.induce_scale must be a finite number, got {self.induce_scale}",
+        )
+        _require(
+            self.max_prompts is None or self.max_prompts > 0,
+            f"score.max_prompts must be > 0, got {self.max_prompts}",
+        )
+        _require(
+            self.screen_prompts is None or self.screen_prompts > 0,
+            f"score.screen_prompts must be > 0 or null, got {self.screen_prompts}",
+        )
+        _require(self.finalists > 0, f"score.finalists must be > 0, got {self.finalists}")
+
+
+@dataclass
+class SelectConfig:
+    """Which candidate is chosen."""
+
+    layer_cutoff: float = 0.8
+    """Drop candidates from layers at or past this fraction of the depth (they tend to act on the output
+    vocabulary rather than the concept). Must be in (0, 1]."""
+    kl_limit: float = 0.2
+    """Drop candidates whose ablation moves the baseline next-token distribution by more KL than this."""
+    induce_min_gain: float = 1.0
+    """Drop candidates whose addition raises the baseline prompts' behaviour log-odds by less than this
+    over the unedited model's (1.0: odds at least e times higher). Relative, so that one value works for
+    models that show the behaviour strongly or barely."""
+    layer: int | None = None
+    """Force this source layer (still ranked over positions); null searches all layers."""
+    position: int | None = None
+    """Force this position (negative index from the end, e.g. -1); null searches all positions."""
+
+    def __post_init__(self) -> None:
+        _check_fraction("select.layer_cutoff", self.layer_cutoff)
+        _require(
+            not math.isnan(self.kl_limit) and self.kl_limit > 0,
+            f"select.kl_limit must be > 0, got {self.kl_limit}",
+        )
+        _require(not math.isnan(self.induce_min_gain), "select.induce_min_gain must be a number, got nan")
+        _require(self.layer is None or self.layer >= 0, f"select.layer must be >= 0, got {self.layer}")
+        _require(
+            self.position is None or self.position < 0,
+            f"select.position counts from the end and must be negative (e.g. -1), got {self.position}",
+        )
+
+
+@dataclass
+class EvalConfig:
+    """Before/after evaluation on the held-out test split."""
+
+    max_new_tokens: int = 24
+    """Greedy generation length per test prompt."""
+    batch_size: int = 16
+    """Prompts per generation batch."""
+    perplexity_text: str = "bundled:english_heldout"
+    """Held-out English text for perplexity: bundled:<name> (tasks/data/<name>.txt) or a file path/URL."""
+    perplexity_tokens: int = 1024
+    """Score at most this many tokens of the text."""
+
+    def __post_init__(self) -> None:
+        _require(self.max_new_tokens > 0, f"eval.max_new_tokens must be > 0, got {self.max_new_tokens}")
+        _require(self.batch_size > 0, f"eval.batch_size must be > 0, got {self.batch_size}")
+        _require(
+            self.perplexity_tokens > 1, f"eval.perplexity_tokens must be > 1, got {self.perplexity_tokens}"
+        )
+
+
+@dataclass
+class OutputConfig:
+    """Where the edited model goes."""
+
+    uri: str | None = None
+    """Local directory or fsspec URL (s3://bucket/prefix) of the checkpoint; null: checkpoints/<run id>."""
+    save: bool = True
+    """Save the orthogonalized model at all."""
+
+
+@dataclass
+class CacheConfig:
+    """Content-addressed store of collected activation sums (keyed by model weights, prompts, positions, dtype)."""
+
+    uri: str | None = "~/.cache/compalign/activations"
+    """Local directory or fsspec URL (s3://bucket/cache); null turns the cache off."""

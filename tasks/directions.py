@@ -1,0 +1,86 @@
+"""Candidate directions from activation means: difference of means per (layer, position), unit-normalised."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from tasks.collect import ActivationSums
+from tasks.errors import CompalignError
+
+
+@dataclass
+class Candidates:
+    """Every candidate direction, indexed [layer, position]."""
+
+    directions: torch.Tensor
+    """(layers + 1, positions, hidden) float32, unit norm (zero where the means coincide)."""
+    norms: torch.Tensor
+    """(layers + 1, positions) float32: norm of the (projected) difference of means, the natural scale for
+    adding the direction back."""
+
+    @property
+    def n_layers(self) -> int:
+        return self.directions.shape[0]
+
+    @property
+    def n_positions(self) -> int:
+        return self.directions.shape[1]
+
+    def position_index(self, position: int) -> int:
+        """Index into the positions axis for a negative position (-1 = last token)."""
+        if not -self.n_positions <= position < 0:
+            raise CompalignError(f"position {position} is outside -{self.n_positions}..-1")
+        return self.n_positions + position
+
+    def get(self, layer: int, position: int) -> torch.Tensor:
+        if not 0 <= layer < self.n_layers:
+            raise CompalignError(
+                f"layer {layer} is out of range: candidates exist for layers 0..{self.n_layers - 1}"
+            )
+        return self.directions[layer, self.position_index(position)]
+
+
+def difference_of_means(
+    target: ActivationSums, baseline: ActivationSums, projected: bool = False
+) -> Candidates:
+    """mean(target) - mean(baseline) at every (layer, position), unit-normalised.
+
+    With ``projected``, the component along the baseline mean is removed first, so that ablating the
+    direction does not also shrink what every prompt has in common."""
+    diff = target.mean() - baseline.mean()
+    if projected:
+        base = baseline.mean()
+        unit = base / base.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        diff = diff - (diff * unit).sum(-1, keepdim=True) * unit
+    norms = diff.norm(dim=-1)
+    directions = diff / norms.clamp_min(1e-12)[..., None]
+    return Candidates(directions=directions.float(), norms=norms.float())
+
+
+def interpolate_layer(candidates: Candidates, layer: float, position: int) -> torch.Tensor:
+    """Direction at a fractional source layer: linear blend of the two neighbouring layers' directions,
+    re-normalised. (hidden,) float32."""
+    if math.isnan(layer) or not 0 <= layer <= candidates.n_layers - 1:
+        raise CompalignError(f"layer {layer} is out of range 0..{candidates.n_layers - 1}")
+    low = int(math.floor(layer))
+    high = min(low + 1, candidates.n_layers - 1)
+    frac = layer - low
+    blend = (1 - frac) * candidates.get(low, position) + frac * candidates.get(high, position)
+    return blend / blend.norm().clamp_min(1e-12)
+
+
+def check_direction(direction: torch.Tensor, hidden: int) -> torch.Tensor:
+    """A direction as a unit float32 vector of width ``hidden``; clear errors for wrong shape, NaN or zero."""
+    if direction.dim() != 1 or direction.shape[0] != hidden:
+        raise CompalignError(
+            f"direction has shape {tuple(direction.shape)} but the model's hidden size is {hidden}"
+        )
+    if not torch.isfinite(direction).all():
+        raise CompalignError("direction contains NaN or infinite values")
+    norm = direction.float().norm()
+    if norm == 0:
+        raise CompalignError("direction is all zeros")
+    return direction.float() / norm

@@ -1,0 +1,162 @@
+"""Evaluation: batched greedy generation judged for the behaviour, next-token KL, perplexity."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from tasks.forward import chunks, left_pad, pad_id, positions_from_mask, tokenize
+from tasks.judges import Judge
+from tasks.prompts import format_chat
+
+
+@torch.inference_mode()
+def generate(
+    model: nn.Module,
+    tokenizer,
+    prompts: list[str],
+    max_new_tokens: int,
+    batch_size: int,
+    progress: Callable[[int], None] | None = None,
+) -> list[str]:
+    """Greedy answers to raw instructions (chat-formatted here), in input order."""
+    device = next(model.parameters()).device
+    sequences = tokenize(tokenizer, format_chat(tokenizer, prompts))
+    order = sorted(range(len(prompts)), key=lambda i: len(sequences[i]))
+    answers: list[str] = [""] * len(prompts)
+    for batch in chunks(order, batch_size):
+        ids, mask = left_pad([sequences[i] for i in batch], pad_id(tokenizer), device)
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+            pad_token_id=pad_id(tokenizer),
+        )
+        for row, i in enumerate(batch):
+            answers[i] = tokenizer.decode(out[row, ids.shape[1] :], skip_special_tokens=True).strip()
+        if progress:
+            progress(len(batch))
+    return answers
+
+
+@dataclass
+class BehaviourEval:
+    """Judged answers of one prompt set."""
+
+    flagged: int
+    total: int
+    samples: list[dict] = field(default_factory=list)
+    """Every (prompt, answer, flagged) row."""
+
+    @property
+    def rate(self) -> float:
+        return self.flagged / self.total if self.total else float("nan")
+
+
+def judge_answers(judge: Judge, prompts: list[str], answers: list[str]) -> BehaviourEval:
+    flags = judge.judge(prompts, answers)
+    samples = [
+        {"prompt": p, "answer": a, "flagged": f} for p, a, f in zip(prompts, answers, flags, strict=True)
+    ]
+    return BehaviourEval(flagged=sum(flags), total=len(flags), samples=samples)
+
+
+@torch.inference_mode()
+def next_token_logprobs(model: nn.Module, tokenizer, prompts: list[str], batch_size: int) -> torch.Tensor:
+    """Log-probabilities of the first generated token: (prompts, vocab) float32, input order."""
+    device = next(model.parameters()).device
+    sequences = tokenize(tokenizer, format_chat(tokenizer, prompts))
+    rows = []
+    for group in chunks(sequences, batch_size):
+        ids, mask = left_pad(group, pad_id(tokenizer), device)
+        logits = model(
+            input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask), logits_to_keep=1
+        ).logits
+        rows.append(torch.log_softmax(logits[:, -1].float(), -1).cpu())
+    return torch.cat(rows)
+
+
+def mean_kl(before: torch.Tensor, after: torch.Tensor) -> float:
+    """Mean KL(before || after) over rows of log-probabilities."""
+    return float((before.exp() * (before - after)).sum(-1).mean())
+
+
+@torch.inference_mode()
+def perplexity(model: nn.Module, tokenizer, text: str, max_tokens: int, window: int = 512) -> float:
+    """Perplexity of the first ``max_tokens`` tokens of ``text``, in non-overlapping windows."""
+    device = next(model.parameters()).device
+    ids = tokenizer(text, add_special_tokens=False).input_ids[:max_tokens]
+    nll, count = 0.0, 0
+    for start in range(0, len(ids) - 1, window):
+        piece = torch.tensor(ids[start : start + window + 1], device=device)[None]
+        if piece.shape[1] < 2:
+            break
+        logits = model(input_ids=piece[:, :-1]).logits.float()
+        nll += float(torch.nn.functional.cross_entropy(logits[0], piece[0, 1:], reduction="sum"))
+        count += piece.shape[1] - 1
+    return math.exp(nll / count)
+
+
+@dataclass
+class EvalResult:
+    """Before- or after-edit evaluation on the test split."""
+
+    target: BehaviourEval
+    """Behaviour on target prompts (refusals of harmful requests, French answers to French questions)."""
+    baseline: BehaviourEval
+    """Behaviour on baseline prompts (over-refusal, French answers to English questions)."""
+    perplexity: float
+    baseline_logprobs: torch.Tensor
+    """(baseline test prompts, vocab) first-token log-probs, the reference for the next evaluation's KL."""
+    kl: float | None = None
+    """Mean first-token KL(reference || this model) on baseline test prompts, when a reference was given."""
+
+    def metrics(self, prefix: str) -> dict[str, float]:
+        out = {
+            f"{prefix}.target_rate": self.target.rate,
+            f"{prefix}.target_flagged": float(self.target.flagged),
+            f"{prefix}.baseline_rate": self.baseline.rate,
+            f"{prefix}.baseline_flagged": float(self.baseline.flagged),
+            f"{prefix}.perplexity": self.perplexity,
+        }
+        if self.kl is not None:
+            out[f"{prefix}.kl"] = self.kl
+        return out
+
+    def samples(self) -> dict:
+        return {"target": self.target.samples, "baseline": self.baseline.samples}
+
+
+def evaluate(
+    model: nn.Module,
+    tokenizer,
+    judge: Judge,
+    target: list[str],
+    baseline: list[str],
+    text: str,
+    max_new_tokens: int,
+    batch_size: int,
+    perplexity_tokens: int,
+    reference: torch.Tensor | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> EvalResult:
+    """Generate for target and baseline test prompts, judge, and measure perplexity on ``text`` and the
+    first-token KL against ``reference`` log-probs. Interventions active around the call apply."""
+    answers_t = generate(model, tokenizer, target, max_new_tokens, batch_size, progress)
+    answers_b = generate(model, tokenizer, baseline, max_new_tokens, batch_size, progress)
+    logprobs = next_token_logprobs(model, tokenizer, baseline, batch_size)
+    return EvalResult(
+        target=judge_answers(judge, target, answers_t),
+        baseline=judge_answers(judge, baseline, answers_b),
+        perplexity=perplexity(model, tokenizer, text, perplexity_tokens),
+        baseline_logprobs=logprobs,
+        kl=None if reference is None else mean_kl(reference, logprobs),
+    )

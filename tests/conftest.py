@@ -1,0 +1,122 @@
+"""Shared fixtures: the packaged SmolLM2 as safetensors, tiny random models with its tokenizer, a local Ray,
+and a way to run a flow in-process with Hydra overrides."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def pytest_collection_modifyitems(config, items):
+    """GPU tests skip cleanly without CUDA."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def packaged_dir() -> Path:
+    """The packaged SmolLM2-135M-Instruct converted once to safetensors (cached across sessions)."""
+    from tasks.config import ModelOptions
+    from tasks.model import convert_gguf, packaged_gguf_path
+
+    return convert_gguf(packaged_gguf_path(), ModelOptions())
+
+
+@pytest.fixture(scope="session")
+def smollm2(packaged_dir):
+    """The loaded packaged model in float32 on CPU (shared: tests must not edit it in place)."""
+    from tasks.config import ModelOptions
+    from tasks.model import load_model
+
+    return load_model("packaged:smollm2", ModelOptions())
+
+
+@pytest.fixture(scope="session")
+def tokenizer(packaged_dir):
+    from transformers import AutoTokenizer
+
+    from tasks.model import prepare_tokenizer
+
+    tok = AutoTokenizer.from_pretrained(packaged_dir)
+    prepare_tokenizer(tok, None, "packaged")
+    return tok
+
+
+def tiny_config(kind: str, vocab: int):
+    from transformers import LlamaConfig, MixtralConfig, Qwen2Config, Qwen3MoeConfig
+
+    common = dict(
+        vocab_size=vocab, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=512, tie_word_embeddings=True,
+    )  # fmt: skip
+    if kind == "llama":
+        return LlamaConfig(intermediate_size=128, **common)
+    if kind == "mixtral":
+        return MixtralConfig(intermediate_size=96, num_local_experts=4, num_experts_per_tok=2, **common)
+    if kind == "qwen2":
+        return Qwen2Config(intermediate_size=128, attention_bias=True, **common)
+    if kind == "qwen3_moe":
+        return Qwen3MoeConfig(
+            intermediate_size=128, moe_intermediate_size=48, num_experts=4, num_experts_per_tok=2, **common
+        )
+    raise ValueError(kind)
+
+
+def make_tiny(kind: str, tokenizer, seed: int = 0):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(kind, len(tokenizer)))
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory, tokenizer) -> dict[str, Path]:
+    """Saved tiny random models (llama, mixtral) with the SmolLM2 tokenizer and chat template."""
+    out = {}
+    for kind in ("llama", "mixtral"):
+        folder = tmp_path_factory.mktemp(f"tiny-{kind}")
+        make_tiny(kind, tokenizer).save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        out[kind] = folder
+    return out
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray for the whole session (flows reuse it instead of starting their own)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+    yield ray
+    ray.shutdown()
+
+
+def compose(config_name: str, overrides: list[str]):
+    """The flow's Hydra config with overrides, as the entry point would see it."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
+        return hydra_compose(config_name=config_name, overrides=overrides)
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch) -> Path:
+    """Run in a temporary directory (checkpoints/ and MLflow artifacts land there)."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
