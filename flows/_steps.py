@@ -180,11 +180,16 @@ def log_eval(before: EvalResult, after: EvalResult) -> None:
 def summary_lines(concept_name: str, model: str, result: dict) -> list[str]:
     before: EvalResult = result["before"]
     after: EvalResult = result["after"]
+    found = result["found"]
     rise = 100 * (after.perplexity / before.perplexity - 1)
+    where = (
+        f"layer {found.layer}, position {found.position} (of {found.n_positions} post-instruction positions)"
+        if found.source == "search"
+        else f"from file (layer {found.layer}, position {found.position})"
+    )
     return [
         f"compalign abliterate: concept {concept_name!r} on {model}",
-        f"  direction        layer {result['layer']}, position {result['position']} "
-        f"(of {result['n_positions']} post-instruction positions)",
+        f"  direction        {where}",
         f"  target test      {before.target.flagged}/{before.target.total} show the behaviour "
         f"({before.target.rate:.0%}) -> {after.target.flagged}/{after.target.total} ({after.target.rate:.0%})",
         f"  baseline test    {before.baseline.flagged}/{before.baseline.total} -> "

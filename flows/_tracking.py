@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
-import os
+import logging
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -14,11 +14,14 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 import torch
+from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import save_file
 
+from tasks import storage
 from tasks.config import MlflowConfig
 
+log = logging.getLogger("compalign")
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 TRACKED_PACKAGES = (
     "compalign", "torch", "transformers", "accelerate", "ray", "mlflow", "hydra-core", "optuna",
@@ -31,7 +34,28 @@ def configure(cfg: MlflowConfig) -> None:
         db = cfg.tracking_uri.removeprefix("sqlite:///")
         Path(db).expanduser().resolve().parent.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(cfg.tracking_uri)
+    if cfg.artifact_location:
+        _create_experiment(cfg.experiment, cfg.artifact_location)
     mlflow.set_experiment(cfg.experiment)
+
+
+def _create_experiment(name: str, artifact_location: str) -> None:
+    """Create the experiment with its artifact root unless it exists (its root can't change then)."""
+    existing = mlflow.get_experiment_by_name(name)
+    if existing is None:
+        try:
+            mlflow.create_experiment(name, artifact_location=artifact_location)
+            return
+        except MlflowException:  # created meanwhile by a concurrent run
+            existing = mlflow.get_experiment_by_name(name)
+    if existing is not None and existing.artifact_location.rstrip("/") != artifact_location.rstrip("/"):
+        log.warning(
+            "experiment %r already keeps its artifacts at %s; mlflow.artifact_location=%s only applies to "
+            "new experiments (set mlflow.experiment to a new name to use it)",
+            name,
+            existing.artifact_location,
+            artifact_location,
+        )
 
 
 @contextmanager
@@ -113,17 +137,59 @@ def log_checkpoint(mode: str, location: str) -> None:
     if mode == "none":
         return
     mlflow.set_tag("checkpoint_uri", location)
-    if mode == "artifact" and "://" not in location:
+    if mode == "artifact" and storage.is_remote(location):
+        with tempfile.TemporaryDirectory() as tmp:  # s3://...: copied through this machine
+            fs, path = storage.filesystem(location)
+            fs.get(path.rstrip("/") + "/", tmp + "/", recursive=True)
+            mlflow.log_artifacts(tmp, artifact_path="checkpoint")
+    elif mode == "artifact":
         mlflow.log_artifacts(location, artifact_path="checkpoint")
     else:
         mlflow.log_dict({"uri": location}, "checkpoint.json")
 
 
-def ui_hint(cfg: MlflowConfig) -> str:
+def ui_hint(cfg: MlflowConfig, run: mlflow.entities.RunInfo | None = None) -> str:
+    """How to look at the run: its URL on a tracking server (the run's own page when ``run`` is given,
+    e.g. ``active.info``), else the `mlflow ui` command for the local store."""
     if cfg.tracking_uri.startswith(("http://", "https://")):
-        return f"open {cfg.tracking_uri}"
+        base = cfg.tracking_uri.rstrip("/")
+        if run is not None:
+            return f"open {base}/#/experiments/{run.experiment_id}/runs/{run.run_id}"
+        return f"open {base}"
     return f"mlflow ui --backend-store-uri {cfg.tracking_uri}"
 
 
-def env_flag(name: str) -> bool:
-    return os.environ.get(name, "").lower() in ("1", "true", "yes")
+def log_child_run(name: str, params: dict, metrics: dict[str, float], tags: dict | None = None) -> str:
+    """A finished run nested under the active one, written whole in one batch without switching the
+    active run (the sweep logs one per trial as results come back). Returns its run id."""
+    from mlflow.entities import Param
+
+    parent = mlflow.active_run()
+    client = mlflow.MlflowClient()
+    child = client.create_run(
+        parent.info.experiment_id,
+        run_name=name,
+        tags={"mlflow.parentRunId": parent.info.run_id, **(tags or {})},
+    )
+    run_id = child.info.run_id
+    client.log_batch(
+        run_id,
+        metrics=_metric_list(metrics),
+        params=[Param(str(k), str(v)[:5000]) for k, v in params.items()],
+    )
+    client.set_terminated(run_id)
+    return run_id
+
+
+def log_metrics_to(run_id: str, metrics: dict[str, float]) -> None:
+    """Add metrics to a finished run (e.g. a trial's test-split confirmation)."""
+    mlflow.MlflowClient().log_batch(run_id, metrics=_metric_list(metrics))
+
+
+def _metric_list(metrics: dict[str, float]) -> list:
+    import time
+
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    return [Metric(str(k), float(v), now, 0) for k, v in metrics.items()]

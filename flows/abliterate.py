@@ -25,7 +25,9 @@ from pathlib import Path
 
 import hydra
 import mlflow
+import pandas as pd
 import ray
+import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig
 from safetensors.torch import save
@@ -57,7 +59,7 @@ from tasks.config import (
     SelectConfig,
     StorageConfig,
 )
-from tasks.directions import difference_of_means
+from tasks.directions import difference_of_means, load_direction
 from tasks.distributed import WorkerPool
 from tasks.errors import CompalignError
 from tasks.model import inspect_model, resolve_device, resolve_dtype
@@ -91,12 +93,13 @@ ConfigStore.instance().store(name="abliterate_schema", node=AbliterateConfig)
 
 def abliterate(cfg: AbliterateConfig, raw: DictConfig) -> dict:
     storage.configure(cfg.storage)
+    log.info("abliterate: concept %r on %s", cfg.data.name, cfg.model)
 
-    # 1. Inspect the model (config and tokenizer, no weights) and load the prompt sets: every input is
-    #    checked before a worker starts or a run is recorded.
+    # 1. Inspect the model (config and tokenizer, no weights), load the prompt sets and any given
+    #    direction: every input is checked before a worker starts or a run is recorded.
     spec = inspect_model(cfg.model, cfg.model_options)
     concept = load_concept(cfg.data, spec.tokenizer, cfg.collect, cfg.eval)
-    dtype = str(resolve_dtype(cfg.model_options, resolve_device(cfg.model_options))).removeprefix("torch.")
+    given = load_direction(cfg.direction.file, spec.hidden_size) if cfg.direction.file else None
 
     with tracking.run(cfg.mlflow, f"abliterate-{cfg.data.name}", tags={"flow": "abliterate"}) as active:
         tracking.log_config(raw)
@@ -104,55 +107,27 @@ def abliterate(cfg: AbliterateConfig, raw: DictConfig) -> dict:
         mlflow.set_tags({"model_identity": spec.identity, "concept": cfg.data.name})
         pool = WorkerPool(cfg.model, cfg.model_options, cfg.collect, cfg.ray)
         try:
-            # 2. Collect residual activation sums on the train split (sharded on Ray; cached by content).
-            target_sums, baseline_sums, cached = collect_sums(
-                pool, spec, concept, cfg.collect, cfg.cache.uri, dtype
-            )
-            mlflow.set_tag("activation_cache", "hit" if cached else "miss")
-
-            # 3. Candidate directions: difference of means per (layer, position).
-            candidates = difference_of_means(target_sums, baseline_sums, projected=cfg.direction.projected)
-            tracking.log_tensors(
-                {"directions": candidates.directions, "norms": candidates.norms}, "candidates.safetensors"
-            )
-
-            # 4. Score candidates on the validation split: bypass, induce, KL (screen, then finalists).
-            scoring = score_candidates_on_pool(
-                pool, concept, candidates, spec.n_layers, cfg.score, cfg.select
-            )
-            clean_target, clean_baseline = scoring.clean
-            mlflow.log_metrics(
-                {"val.clean_target_log_odds": clean_target, "val.clean_baseline_log_odds": clean_baseline}
-            )
-
-            # 5. Select: drop candidates past the layer cut-off, over the KL limit or inducing too little;
-            #    the lowest bypass wins. The whole ranked table and its heatmap are logged first.
-            table = rank_candidates(
-                scoring.scores, spec.n_layers, cfg.select, clean_baseline, scoring.screened
-            )
-            tracking.log_table(table, "candidate_scores.csv")
-            best = choose_and_plot(table, cfg.select)
-            layer, position = best
-            direction = candidates.get(layer, position)
-            chosen = table[(table.layer == layer) & (table.position == position)].iloc[0]
-            mlflow.log_params({"chosen.layer": layer, "chosen.position": position})
-            mlflow.log_metrics({f"chosen.{k}": float(chosen[k]) for k in ("bypass", "induce", "kl")})
-            tracking.log_tensors(
-                {"direction": direction},
-                "chosen.safetensors",
-                {"layer": str(layer), "position": str(position)},
-            )
+            # 2-5. Collect activations, form candidates, score them, select one (or take the given one).
+            found = find_direction(cfg, pool, spec, concept) if given is None else Found.from_file(*given)
+            mlflow.log_params({"chosen.layer": found.layer, "chosen.position": found.position})
+            tracking.log_tensors({"direction": found.direction}, "chosen.safetensors", found.metadata())
 
             # 6-8. Evaluate the unedited model, orthogonalize a copy, evaluate that (on two workers at once).
-            before, after, editor = evaluate_and_edit(pool, concept, cfg.data.judge, cfg.eval, direction)
+            before, after, editor = evaluate_and_edit(
+                pool, concept, cfg.data.judge, cfg.eval, found.direction
+            )
             log_eval(before, after)
 
             # 9. Save the edited checkpoint (staged, then moved into place) and track it.
             location = None
             if cfg.output.save:
-                uri = cfg.output.uri or f"checkpoints/{active.info.run_id}"
-                card = _card(cfg, layer, position, active.info.run_id)
-                extra = {"direction.safetensors": save({"direction": direction.contiguous()})}
+                uri = storage.absolute(cfg.output.uri or f"checkpoints/{active.info.run_id}")
+                card = _card(cfg, found, active.info.run_id)
+                extra = {
+                    "direction.safetensors": save(
+                        {"direction": found.direction.contiguous()}, found.metadata()
+                    )
+                }
                 location = ray.get(pool.submit(editor, "save", uri, card, extra))
                 tracking.log_checkpoint(cfg.mlflow.checkpoint, location)
         finally:
@@ -161,18 +136,68 @@ def abliterate(cfg: AbliterateConfig, raw: DictConfig) -> dict:
         # 10. Summary.
         result = {
             "run_id": active.info.run_id,
-            "layer": layer,
-            "position": position,
-            "n_positions": candidates.n_positions,
+            "found": found,
             "before": before,
             "after": after,
             "checkpoint": location,
-            "table": table,
         }
         for line in summary_lines(cfg.data.name, cfg.model, result):
             log.info("%s", line)
-        log.info("MLflow: %s", tracking.ui_hint(cfg.mlflow))
+        log.info("MLflow: %s", tracking.ui_hint(cfg.mlflow, active.info))
         return result
+
+
+@dataclass
+class Found:
+    """The direction to remove and where it came from."""
+
+    direction: torch.Tensor
+    """(hidden,) unit vector."""
+    layer: int | None
+    position: int | None
+    n_positions: int | None = None
+    table: pd.DataFrame | None = None
+    """The ranked candidate table (when searched)."""
+    source: str = "search"
+
+    @staticmethod
+    def from_file(direction: torch.Tensor, metadata: dict[str, str]) -> Found:
+        def number(key: str) -> int | None:
+            return int(metadata[key]) if metadata.get(key, "").lstrip("-").isdigit() else None
+
+        return Found(direction, number("layer"), number("position"), source="file")
+
+    def metadata(self) -> dict[str, str]:
+        return {"layer": str(self.layer), "position": str(self.position), "source": self.source}
+
+
+def find_direction(cfg: AbliterateConfig, pool: WorkerPool, spec, concept) -> Found:
+    # 2. Collect residual activation sums on the train split (sharded on Ray; cached by content).
+    dtype = str(resolve_dtype(cfg.model_options, resolve_device(cfg.model_options))).removeprefix("torch.")
+    target_sums, baseline_sums, cached = collect_sums(pool, spec, concept, cfg.collect, cfg.cache.uri, dtype)
+    mlflow.set_tag("activation_cache", "hit" if cached else "miss")
+
+    # 3. Candidate directions: difference of means per (layer, position).
+    candidates = difference_of_means(target_sums, baseline_sums, projected=cfg.direction.projected)
+    tracking.log_tensors(
+        {"directions": candidates.directions, "norms": candidates.norms}, "candidates.safetensors"
+    )
+
+    # 4. Score candidates on the validation split: bypass, induce, KL (screen, then finalists).
+    scoring = score_candidates_on_pool(pool, concept, candidates, spec.n_layers, cfg.score, cfg.select)
+    clean_target, clean_baseline = scoring.clean
+    mlflow.log_metrics(
+        {"val.clean_target_log_odds": clean_target, "val.clean_baseline_log_odds": clean_baseline}
+    )
+
+    # 5. Select: drop candidates past the layer cut-off, over the KL limit or inducing too little; the
+    #    lowest bypass wins. The whole ranked table and its heatmap are logged before choosing.
+    table = rank_candidates(scoring.scores, spec.n_layers, cfg.select, clean_baseline, scoring.screened)
+    tracking.log_table(table, "candidate_scores.csv")
+    layer, position = choose_and_plot(table, cfg.select)
+    chosen = table[(table.layer == layer) & (table.position == position)].iloc[0]
+    mlflow.log_metrics({f"chosen.{k}": float(chosen[k]) for k in ("bypass", "induce", "induce_gain", "kl")})
+    return Found(candidates.get(layer, position), layer, position, candidates.n_positions, table)
 
 
 def choose_and_plot(table, select: SelectConfig) -> tuple[int, int]:
@@ -191,13 +216,17 @@ def _log_heatmap(table, chosen: tuple[int, int] | None) -> None:
         tracking.log_file(score_heatmaps(table, Path(tmp) / "candidate_scores.png", chosen))
 
 
-def _card(cfg: AbliterateConfig, layer: int, position: int, run_id: str) -> str:
+def _card(cfg: AbliterateConfig, found: Found, run_id: str) -> str:
+    origin = (
+        f"the difference-of-means direction of source layer {found.layer}, position {found.position}"
+        if found.source == "search"
+        else f"the direction from {cfg.direction.file}"
+    )
     return model_card(
         cfg.model,
-        {"concept": cfg.data.name, "layer": layer, "position": position, "mlflow_run": run_id},
+        {"concept": cfg.data.name, "layer": found.layer, "position": found.position, "mlflow_run": run_id},
         f"# {cfg.model} with the `{cfg.data.name}` direction removed\n\n"
-        f"Weight-orthogonalized by compalign: the difference-of-means direction of source layer {layer}, "
-        f"position {position} was projected out of the token embeddings, every attention output projection "
+        f"Weight-orthogonalized by compalign: {origin} was projected out of the token embeddings, every attention output projection "
         f"and every MLP down projection (MLflow run `{run_id}`, experiment `{cfg.mlflow.experiment}`). "
         "The direction is stored beside the weights as direction.safetensors.",
     )

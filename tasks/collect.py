@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from tasks.forward import chunks, left_pad, pad_id, positions_from_mask, tokenize
+from tasks.forward import (
+    chunks,
+    left_pad,
+    pad_id,
+    positions_from_mask,
+    prefix_cache,
+    split_shared_prefix,
+    tokenize,
+)
 from tasks.hooks import capture_residuals
 from tasks.model import hidden_size, num_layers
 from tasks.prompts import format_chat
@@ -48,20 +57,31 @@ def collect_activation_sums(
     progress: Callable[[int], None] | None = None,
 ) -> ActivationSums:
     """Run ``prompts`` (raw instructions, chat-formatted here) in batches through the decoder stack and
-    sum the residual stream at the last ``positions`` tokens. The LM head is skipped (not needed).
+    sum the residual stream at the last ``positions`` tokens. The LM head is skipped (not needed), and the
+    token prefix every prompt shares (system prompt, turn header) runs once and is reused from the KV cache.
 
     Returns sums of shape (layers + 1, positions, hidden) in float64."""
     sums = torch.zeros((num_layers(model) + 1, positions, hidden_size(model)), dtype=torch.float64)
     device = next(model.parameters()).device
-    sequences = tokenize(tokenizer, format_chat(tokenizer, prompts))
+    split = split_shared_prefix(tokenize(tokenizer, format_chat(tokenizer, prompts)), keep=positions)
+    shared = prefix_cache(model, split.prefix, 1, 1) if split.prefix_len else None
     # Similar lengths together: less padding, and the order is fixed, so results do not depend on input order.
-    order = sorted(range(len(sequences)), key=lambda i: (len(sequences[i]), sequences[i]))
+    order = sorted(range(len(split.rest)), key=lambda i: (len(split.rest[i]), split.rest[i]))
     sink: dict[int, torch.Tensor] = {}
     with capture_residuals(model, positions, sink):
         for batch in chunks(order, batch_size):
-            ids, mask = left_pad([sequences[i] for i in batch], pad_id(tokenizer), device)
+            ids, mask = left_pad([split.rest[i] for i in batch], pad_id(tokenizer), device)
+            cache, full_mask = None, mask
+            if shared is not None:
+                cache = copy.deepcopy(shared)
+                cache.batch_repeat_interleave(len(batch))
+                full_mask = torch.cat([mask.new_ones(len(batch), split.prefix_len), mask], dim=1)
             model.model(
-                input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask), use_cache=False
+                input_ids=ids,
+                attention_mask=full_mask,
+                position_ids=positions_from_mask(mask, offset=split.prefix_len),
+                cache=cache,
+                use_cache=cache is not None,
             )
             for layer, acts in sink.items():
                 sums[layer] += acts.to(torch.float64).sum(0).cpu()

@@ -166,7 +166,8 @@ class MlflowConfig:
     """Run tracking."""
 
     tracking_uri: str = "sqlite:///mlflow.db"
-    """MLflow tracking URI: sqlite:///file.db (default, in the working directory) or http://server:5000."""
+    """MLflow tracking URI: sqlite:///file.db (default, in the working directory) or http://server:5000.
+    The flows' conf takes MLFLOW_TRACKING_URI from the environment when it is set."""
     experiment: str = "compalign"
     """Experiment name; every run of a flow (and every run of a multirun) lands in it."""
     run_name: str | None = None
@@ -174,6 +175,10 @@ class MlflowConfig:
     checkpoint: str = "reference"
     """How the saved checkpoint is tracked: artifact (copied into MLflow), reference (its URI as a tag
     and a small JSON artifact) or none."""
+    artifact_location: str | None = None
+    """Where a new experiment stores its artifacts (s3://bucket/mlflow, written by this process with its
+    own credentials); null: the store's default (./mlruns beside a sqlite store, or the server's
+    --artifacts-destination, proxied through it). Only applies when the experiment is created."""
 
     def __post_init__(self) -> None:
         _require(
@@ -226,6 +231,10 @@ class DirectionConfig:
 
     projected: bool = False
     """Remove each difference of means' component along the baseline mean before normalising."""
+    file: str | None = None
+    """Use this direction instead of searching one: a .safetensors (tensor "direction", as saved beside
+    every abliterated checkpoint and in MLflow), .pt or .npy file, local or fsspec URL. Collection, scoring
+    and selection are skipped; evaluation and orthogonalization run as usual."""
 
 
 @dataclass

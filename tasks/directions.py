@@ -84,3 +84,52 @@ def check_direction(direction: torch.Tensor, hidden: int) -> torch.Tensor:
     if norm == 0:
         raise CompalignError("direction is all zeros")
     return direction.float() / norm
+
+
+def load_direction(uri: str, hidden: int) -> tuple[torch.Tensor, dict[str, str]]:
+    """A unit direction and its metadata (layer, position, ...) from a .safetensors (tensor "direction"),
+    .pt or .npy file; checked against the model's hidden size."""
+    import io
+
+    from safetensors.torch import load
+
+    from tasks import storage
+
+    try:
+        data = storage.read_bytes(uri)
+    except FileNotFoundError as exc:
+        raise CompalignError(f"direction file {uri} does not exist") from exc
+    metadata: dict[str, str] = {}
+    try:
+        if uri.endswith(".safetensors"):
+            tensors = load(data)
+            if "direction" not in tensors and len(tensors) != 1:
+                raise CompalignError(f"{uri} holds tensors {sorted(tensors)}; expected one named 'direction'")
+            tensor = tensors.get("direction", next(iter(tensors.values())))
+            metadata = safetensors_metadata(data)
+        elif uri.endswith(".pt"):
+            tensor = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        elif uri.endswith(".npy"):
+            import numpy as np
+
+            tensor = torch.from_numpy(np.load(io.BytesIO(data)))
+        else:
+            raise CompalignError(f"direction file {uri}: use .safetensors, .pt or .npy")
+    except CompalignError:
+        raise
+    except Exception as exc:  # corrupt files raise library-specific errors
+        raise CompalignError(f"cannot read direction file {uri}: {exc}") from exc
+    if not isinstance(tensor, torch.Tensor):
+        raise CompalignError(f"direction file {uri} does not hold a tensor")
+    return check_direction(
+        tensor.flatten() if tensor.dim() > 1 and tensor.shape[0] == 1 else tensor, hidden
+    ), metadata
+
+
+def safetensors_metadata(data: bytes) -> dict[str, str]:
+    """The free-form metadata of a safetensors file (its JSON header's __metadata__)."""
+    import json
+    import struct
+
+    (size,) = struct.unpack("<Q", data[:8])
+    return dict(json.loads(data[8 : 8 + size]).get("__metadata__") or {})

@@ -7,8 +7,10 @@ merges the results; progress advances as shards come back.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import time
 
 import ray
 import torch
@@ -24,6 +26,7 @@ from tasks.judges import make_judge
 from tasks.orthogonalize import orthogonalize_weights
 from tasks.progress import Progress
 from tasks.score import Candidate, CandidateScore, CandidateScorer
+from tasks.trials import Confirmation, Trial, TrialEvaluator, TrialScore, build_edit, confirm
 
 log = logging.getLogger(__name__)
 
@@ -39,11 +42,27 @@ FORWARDED_ENV = (
 )
 
 
+def forwarded_env() -> dict[str, str]:
+    """The FORWARDED_ENV variables this process has, less those the submitted job's runtime_env already
+    sets: its workers get those anyway, and Ray refuses to start a driver that sets a job's variable again
+    (`ray job submit --runtime-env-json '{"env_vars": {"AWS_DEFAULT_REGION": ...}}'`)."""
+    env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+    job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
+    from_job = (job.get("runtime_env") or {}).get("env_vars") or {}
+    for key in sorted(env.keys() & from_job.keys()):
+        if env[key] != from_job[key]:
+            log.warning(
+                "%s=%s comes from the job's runtime_env; workers use it, not %s", key, from_job[key], env[key]
+            )
+        del env[key]
+    return env
+
+
 def init_ray(cfg: RayConfig) -> None:
     """Start a local Ray (default) or join ``cfg.address``; quiet unless something goes wrong."""
     if ray.is_initialized():
         return
-    env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+    env = forwarded_env()
     kwargs = {
         "address": cfg.address,
         "log_to_driver": cfg.log_to_driver,
@@ -72,11 +91,15 @@ class ModelWorker:
         logging.basicConfig(level=logging.WARNING)
         self.loaded = load_model(model, options)
         self.scorer: CandidateScorer | None = None
+        self.trials: TrialEvaluator | None = None
+        self.candidates = None
+        self.collected = 0
 
     def identity(self) -> str:
         return self.loaded.identity
 
     def collect(self, prompts: list[str], positions: int, batch_size: int) -> ActivationSums:
+        self.collected += len(prompts)
         return collect_activation_sums(
             self.loaded.model, self.loaded.tokenizer, prompts, positions, batch_size
         )
@@ -122,6 +145,120 @@ class ModelWorker:
     def save(self, uri: str, card: str, extra_files: dict[str, bytes]) -> str:
         return save_checkpoint(self.loaded.model, self.loaded.tokenizer, uri, card, extra_files)
 
+    # Sweep trials (tasks/trials.py): the model stays loaded, each trial's edit is applied through hooks.
+
+    def collected_prompts(self) -> int:
+        """Prompts this worker ran through ``collect`` (0 when every sum came from the cache)."""
+        return self.collected
+
+    def prepare_trials(
+        self,
+        target: list[str],
+        baseline: list[str],
+        token_ids: list[int],
+        batch_size: int,
+        candidates,
+        resume: bool,
+        threshold: float | None,
+        rate: str,
+        part: int,
+        parts: int,
+    ) -> list:
+        """Tokenize the validation prompts and compute this worker's part of the unedited references
+        (moved to CPU for the others to fetch)."""
+        self.candidates = candidates
+        model, tokenizer = self.loaded.model, self.loaded.tokenizer
+        self.trials = TrialEvaluator(
+            model, tokenizer, target, baseline, token_ids, batch_size, resume, threshold, False, rate
+        )
+        return [
+            (i, {k: v.cpu() for k, v in resid.items()}, logits.cpu())
+            for i, resid, logits in self.trials.reference_part(part, parts)
+        ]
+
+    def install_trial_references(self, *parts: list) -> TrialScore:
+        self.trials.install_references([item for part in parts for item in part])
+        return self.trials.clean
+
+    def trial_threshold(self) -> float:
+        return self.trials.threshold
+
+    def run_trial(self, trial: Trial) -> TrialScore:
+        return self.trials.evaluate(build_edit(trial, self.candidates), trial.number)
+
+    def bare_forward_seconds(self, batch_size: int) -> float:
+        return self.trials.bare_forward_seconds(batch_size)
+
+    def confirm_trial(
+        self,
+        trial: Trial | None,
+        judge_cfg: JudgeConfig,
+        target: list[str],
+        baseline: list[str],
+        xstest: list[str],
+        text: str,
+        eval_cfg: EvalConfig,
+        resamples: int,
+        confidence: float,
+        seed: int,
+    ) -> Confirmation:
+        edit = None if trial is None else build_edit(trial, self.candidates)
+        return confirm(
+            self.loaded.model, self.loaded.tokenizer, make_judge(judge_cfg), edit, target, baseline, xstest,
+            text, eval_cfg, resamples, confidence, seed, None if trial is None else trial.number,
+        )  # fmt: skip
+
+    def export_trial(self, trial: Trial) -> int:
+        """Bake an ablation trial into the weights (in place: this worker runs no more trials)."""
+        ablation = build_edit(trial, self.candidates).ablation
+        if ablation is None:
+            return 0
+        edited = orthogonalize_weights(
+            self.loaded.model,
+            ablation.direction.to(self.loaded.device),
+            ablation.attn_weights,
+            ablation.mlp_weights,
+            ablation.embed_weight,
+        )
+        return len(edited)
+
+    def score_answers(
+        self,
+        conversations: list[list[dict[str, str]]],
+        direction: torch.Tensor,
+        layer: int,
+        tokens: int | None,
+        batch_size: int,
+        max_length: int,
+    ) -> list[float]:
+        """The SFT direction filter's per-conversation scores (tasks.sft_filter.answer_scores)."""
+        from tasks.sft_filter import answer_scores
+
+        return answer_scores(
+            self.loaded.model,
+            self.loaded.tokenizer,
+            conversations,
+            direction,
+            layer,
+            tokens,
+            batch_size,
+            max_length,
+        )
+
+
+def _wait_for_placement(pg, what: str, report_every_s: float = 60.0) -> None:
+    """Wait until the placement group is placed, saying so now and then: on an autoscaling cluster a GPU
+    node can take minutes to start, and on a cluster that has no node big enough it never comes."""
+    waited, ready = 0.0, pg.ready()
+    while not ray.wait([ready], timeout=report_every_s)[0]:
+        waited += report_every_s
+        log.warning(
+            "still waiting for resources after %.0f s: %s (is there a node type with that much, and is the "
+            "autoscaler allowed to start one?)",
+            waited,
+            what,
+        )
+
 
 def _split(items: list, parts: int) -> list[list]:
     """Contiguous, nearly equal parts (none empty when len(items) >= parts)."""
@@ -143,13 +280,22 @@ class WorkerPool:
         self.size = collect.workers
         self._pg = None
         strategy = None
+        started = time.monotonic()
+        log.info(
+            "starting %d workers for %s (%g CPU, %g GPU each%s)",
+            self.size,
+            model,
+            collect.cpus_per_worker,
+            collect.gpus_per_worker,
+            ", packed on one node" if ray_cfg.pack_on_one_node else "",
+        )
         if ray_cfg.pack_on_one_node:
             bundle = {
                 "CPU": collect.cpus_per_worker,
                 **({"GPU": collect.gpus_per_worker} if collect.gpus_per_worker else {}),
             }
             self._pg = placement_group([bundle] * self.size, strategy="STRICT_PACK")
-            ray.get(self._pg.ready())
+            _wait_for_placement(self._pg, f"{self.size} x {bundle} on one node")
             strategy = PlacementGroupSchedulingStrategy(placement_group=self._pg)
         actor = ModelWorker.options(
             num_cpus=collect.cpus_per_worker, num_gpus=collect.gpus_per_worker, scheduling_strategy=strategy
@@ -159,6 +305,7 @@ class WorkerPool:
         identities = set(ray.get([a.identity.remote() for a in self.actors]))
         if len(identities) != 1:
             raise CompalignError(f"workers loaded different weights for {model!r}: {sorted(identities)}")
+        log.info("%d workers ready in %.0f s", self.size, time.monotonic() - started)
 
     def _run(self, stage: str, calls: list[tuple[int, str, tuple]], weights: list[int], unit: str) -> list:
         """Submit (actor index, method, args) calls; results in submission order, progress as they finish."""
@@ -200,6 +347,46 @@ class WorkerPool:
         parts = self._run(stage, calls, [len(s) for s in shards], "candidates")
         return [score for part in parts for score in part]
 
+    def collected_prompts(self) -> int:
+        """Prompts the workers ran through ``collect`` since they started."""
+        return sum(ray.get([a.collected_prompts.remote() for a in self.actors]))
+
+    def prepare_trials(
+        self,
+        target: list[str],
+        baseline: list[str],
+        token_ids: list[int],
+        batch_size: int,
+        candidates,
+        resume: bool = True,
+        threshold: float | None = None,
+        rate: str = "top1",
+    ) -> TrialScore:
+        """Tokenize the validation prompts on every worker, compute the unedited model's references
+        (residuals entering every layer, logits) split over the workers, and give every worker all of
+        them. Returns the unedited scores."""
+        shared = ray.put(candidates)
+        args = (target, baseline, token_ids, batch_size, shared, resume, threshold, rate)
+        parts = [a.prepare_trials.remote(*args, i, self.size) for i, a in enumerate(self.actors)]
+        cleans = ray.get([a.install_trial_references.remote(*parts) for a in self.actors])
+        return cleans[0]
+
+    def score_answers(
+        self,
+        conversations: list[list[dict[str, str]]],
+        direction: torch.Tensor,
+        layer: int,
+        tokens: int | None,
+        batch_size: int,
+        max_length: int,
+    ) -> list[float]:
+        """Direction-filter scores of every conversation, in order (sharded over the workers)."""
+        shards = _split(conversations, self.size * 4)
+        args = (direction, layer, tokens, batch_size, max_length)
+        calls = [(i % self.size, "score_answers", (shard, *args)) for i, shard in enumerate(shards)]
+        parts = self._run("direction filter", calls, [len(s) for s in shards], "rows")
+        return [score for part in parts for score in part]
+
     def submit(self, worker: int, method: str, *args):
         """Start ``method`` on one worker; returns a Ray future (``ray.get`` it)."""
         return getattr(self.actors[worker], method).remote(*args)
@@ -211,3 +398,28 @@ class WorkerPool:
         if self._pg is not None:
             remove_placement_group(self._pg)
             self._pg = None
+
+
+class RayTrialRunner:
+    """Runs sweep trials on a pool's workers (``tasks.search.TrialRunner``): each trial goes to the worker
+    with the fewest trials in flight; a worker runs its trials one after another."""
+
+    def __init__(self, pool: WorkerPool) -> None:
+        self.pool = pool
+        self.load = [0] * pool.size
+        self.busy: dict = {}
+
+    def start(self, trial: Trial):
+        worker = self.load.index(min(self.load))
+        handle = self.pool.actors[worker].run_trial.remote(trial)
+        self.load[worker] += 1
+        self.busy[handle] = worker
+        return handle
+
+    def wait(self, handles: list) -> list:
+        done, _ = ray.wait(handles, num_returns=1)
+        return done
+
+    def result(self, handle) -> TrialScore:
+        self.load[self.busy.pop(handle)] -= 1
+        return ray.get(handle)

@@ -62,9 +62,9 @@ class PrefixedPrompts:
         return int(self.prefix.numel())
 
 
-def split_shared_prefix(sequences: list[list[int]]) -> PrefixedPrompts:
-    """Longest common token prefix of all sequences, leaving at least one token in each."""
-    limit = min(len(s) for s in sequences) - 1
+def split_shared_prefix(sequences: list[list[int]], keep: int = 1) -> PrefixedPrompts:
+    """Longest common token prefix of all sequences, leaving at least ``keep`` tokens in each."""
+    limit = min(len(s) for s in sequences) - keep
     length = 0
     while length < limit and all(s[length] == sequences[0][length] for s in sequences):
         length += 1

@@ -23,6 +23,9 @@ def quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    # MLflow prints "🏃 View run ... at: <url>" to stdout at the end of every run against a server; the
+    # flows log where the run is themselves.
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     if "DS_ACCELERATOR" not in os.environ:
         import torch
 

@@ -45,8 +45,9 @@ def orthogonalize_weights(
         if weight == 0:
             continue
         param = writer.param
-        r = direction.to(device=param.device, dtype=torch.float32)
-        moved = param.data.float().movedim(writer.hidden_dim, -1)  # (..., hidden)
+        # float64 so that the edited weights carry no rounding beyond their own dtype's
+        r = direction.to(device=param.device, dtype=torch.float64)
+        moved = param.data.double().movedim(writer.hidden_dim, -1)  # (..., hidden)
         moved = moved - weight * (moved @ r)[..., None] * r
         param.data.copy_(moved.movedim(-1, writer.hidden_dim).to(param.dtype))
         edited.append(writer.name)

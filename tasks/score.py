@@ -73,7 +73,7 @@ def behaviour_token_ids(tokenizer, strings: list[str]) -> list[int]:
         if not tokens:
             raise CompalignError(f"score token {text!r} encodes to no tokens")
         if len(tokens) > 1:
-            log.warning(
+            log.info(
                 "score token %r is %d tokens; only its first, %r, is scored",
                 text,
                 len(tokens),

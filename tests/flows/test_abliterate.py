@@ -1,0 +1,210 @@
+"""The abliterate flow end to end on local Ray: the real French concept on SmolLM2, mechanics on a tiny model,
+and bad input (one clear message, exit 2, nothing written)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from flows._common import run_entry
+from flows.abliterate import AbliterateConfig, abliterate
+from tasks.evaluate import generate
+from tasks.hooks import Ablation, intervene
+from tasks.judges import LanguageJudge
+from tasks.prompts import format_chat
+from tests.conftest import REPO, compose
+
+pytestmark = pytest.mark.usefixtures("ray_local")
+
+
+def run_flow(overrides: list[str]):
+    return run_entry(compose("abliterate", overrides), AbliterateConfig, abliterate)
+
+
+@pytest.fixture(scope="module")
+def french_run(tmp_path_factory, ray_local):
+    """One run of the flow on defaults with the bundled french concept."""
+    work = tmp_path_factory.mktemp("french")
+    overrides = [
+        "data=french",
+        f"mlflow.tracking_uri=sqlite:///{work}/mlflow.db",
+        f"output.uri={work}/model",
+        f"cache.uri={work}/cache",
+    ]
+    return run_flow(overrides), work
+
+
+@pytest.mark.slow
+def test_french_direction_removes_french_answers(french_run, smollm2):
+    result, work = french_run
+    before, after = result["before"], result["after"]
+    assert before.target.total == after.target.total >= 16
+    assert before.target.rate >= 0.5  # the unedited model answers French in French
+    assert after.target.rate <= 2 / 16  # weight-orthogonalized model: at most 2 of 16
+    assert after.baseline.flagged == 0  # English questions still get English answers
+    assert after.perplexity < 1.10 * before.perplexity  # English text barely suffers
+    assert 0 < after.kl < 1
+
+    # the same direction through hooks on the unedited model does the same
+    found = result["found"]
+    french = [row["prompt"] for row in before.target.samples]
+    with intervene(smollm2.model, ablation=Ablation(direction=found.direction)):
+        answers = generate(smollm2.model, smollm2.tokenizer, french, 24, 16)
+    assert sum(LanguageJudge("fr").judge(french, answers)) / len(french) <= 2 / 16
+
+
+@pytest.mark.slow
+def test_french_run_is_tracked_and_saved(french_run, smollm2):
+    result, work = french_run
+    mlflow.set_tracking_uri(f"sqlite:///{work}/mlflow.db")
+    client = MlflowClient()
+    run = client.get_run(result["run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["data.name"] == "french" and run.data.params["model"] == "packaged:smollm2"
+    assert "fingerprint.target_train" in run.data.params and run.data.tags["git_commit"]
+    assert run.data.metrics["after.target_rate"] <= 2 / 16
+    assert {
+        "before.perplexity",
+        "after.kl",
+        "chosen.kl",
+        "val.clean_target_log_odds",
+    } <= run.data.metrics.keys()
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    artifacts |= {
+        a.path
+        for d in ("directions", "eval", "environment")
+        for a in client.list_artifacts(run.info.run_id, d)
+    }
+    assert {
+        "config.yaml", "candidate_scores.csv", "candidate_scores.png", "model.json" if False else "config.yaml",
+        "directions/candidates.safetensors", "directions/chosen.safetensors", "eval/answers.json",
+        "environment/packages.json", "checkpoint.json",
+    } <= artifacts  # fmt: skip
+    assert run.data.tags["checkpoint_uri"] == result["checkpoint"]
+
+    # the checkpoint: safetensors + config + tokenizer with chat template + model card; logits equal hooks
+    folder = Path(result["checkpoint"])
+    assert (folder / "model.safetensors").exists() and (folder / "direction.safetensors").exists()
+    assert result["run_id"] in (folder / "README.md").read_text()
+    edited = AutoModelForCausalLM.from_pretrained(folder)
+    tok = AutoTokenizer.from_pretrained(folder)
+    assert tok.chat_template == smollm2.tokenizer.chat_template
+    ids = tok(
+        format_chat(tok, ["Quelle heure est-il ?"])[0], return_tensors="pt", add_special_tokens=False
+    ).input_ids
+    with torch.no_grad(), intervene(smollm2.model, ablation=Ablation(direction=result["found"].direction)):
+        hooked = smollm2.model(ids).logits
+    with torch.no_grad():
+        assert (edited(ids).logits - hooked).abs().max() < 1e-3
+
+
+def _tiny_overrides(model_dir: Path, work: Path) -> list[str]:
+    return [
+        f"model={model_dir}",
+        "data=french",
+        "data.target.limit=16",
+        "data.baseline.limit=16",
+        "score.screen_prompts=2",
+        "score.finalists=3",
+        "select.kl_limit=1e9",
+        "select.induce_min_gain=-1e9",
+        "eval.max_new_tokens=3",
+        "eval.perplexity_tokens=64",
+        f"mlflow.tracking_uri=sqlite:///{work}/mlflow.db",
+        f"cache.uri={work}/cache",
+    ]
+
+
+def test_tiny_model_search_then_given_direction(tiny_dirs, workdir):
+    first = run_flow(_tiny_overrides(tiny_dirs["mixtral"], workdir))
+    found = first["found"]
+    assert found.source == "search" and found.table is not None
+    assert found.table["stage"].tolist().count("full") == 3  # the screened finalists
+    checkpoint = Path(first["checkpoint"])
+    assert checkpoint.parent == workdir / "checkpoints"  # default: checkpoints/<run id> in the working dir
+
+    second = run_flow(
+        [
+            *_tiny_overrides(tiny_dirs["mixtral"], workdir),
+            f"direction.file={checkpoint}/direction.safetensors",
+        ]
+    )
+    assert second["found"].source == "file"
+    assert (second["found"].layer, second["found"].position) == (found.layer, found.position)
+    assert torch.allclose(second["found"].direction, found.direction)
+    assert second["after"].kl == pytest.approx(first["after"].kl, rel=1e-4)
+
+
+def _bad(overrides: list[str], message: str, capsys_or_caplog, workdir: Path) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        run_flow([f"mlflow.tracking_uri=sqlite:///{workdir}/mlflow.db", *overrides])
+    assert exit_info.value.code == 2
+    assert message in capsys_or_caplog.text
+    assert not (workdir / "checkpoints").exists()
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["model=/no/such/model"], "is not a directory with a safetensors checkpoint"),
+        (["collect.workers=100", "data=french"], "fewer than collect.workers=100"),
+        (["select.layer_cutoff=1.5"], "select.layer_cutoff must be in (0, 1], got 1.5"),
+        (["select.layer_cutoff=0"], "select.layer_cutoff must be in (0, 1], got 0"),
+        (["collect.positions=7"], "collect.positions=7 but the chat template has only 6 tokens"),
+        (["collect.batch_size=0"], "collect.batch_size must be > 0, got 0"),
+        (["score.induce_scale=nan"], "score.induce_scale must be a finite number"),
+    ],
+)
+def test_bad_input_is_one_clear_error(overrides, message, caplog, workdir):
+    _bad(overrides, message, caplog, workdir)
+
+
+def test_bad_prompt_files_and_direction(tmp_path, caplog, workdir, tiny_dirs):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "fine"}\n{"prompt": \n')
+    _bad([f"data.target.source={empty}"], "holds no prompts", caplog, workdir)
+    _bad([f"data.baseline.source={bad}"], "line 2 is not valid JSON", caplog, workdir)
+    from safetensors.torch import save_file
+
+    save_file({"direction": torch.ones(100)}, tmp_path / "d.safetensors")
+    _bad(
+        [f"direction.file={tmp_path}/d.safetensors"],
+        "direction has shape (100,) but the model's hidden size is 576",
+        caplog,
+        workdir,
+    )
+
+
+def test_entry_point_exits_nonzero_with_one_message(tmp_path, tiny_dirs):
+    """The real command line: unsupported architecture and a model without a chat template."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=100)).save_pretrained(gpt2)
+    no_template = tmp_path / "no-template"
+    import shutil
+
+    shutil.copytree(tiny_dirs["llama"], no_template)
+    (no_template / "chat_template.jinja").unlink(missing_ok=True)
+    config = json.loads((no_template / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (no_template / "tokenizer_config.json").write_text(json.dumps(config))
+    for model, message in ((gpt2, "unsupported architecture 'gpt2'"), (no_template, "has no chat template")):
+        proc = subprocess.run(
+            [sys.executable, "-m", "flows.abliterate", f"model={model}", f"mlflow.tracking_uri=sqlite:///{tmp_path}/m.db"],
+            cwd=tmp_path, capture_output=True, text=True, env={**__import__("os").environ, "PYTHONPATH": str(REPO)},
+        )  # fmt: skip
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        output = proc.stdout + proc.stderr
+        assert message in output and "Traceback" not in output
+        assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "m.db").exists()
