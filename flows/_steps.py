@@ -12,7 +12,7 @@ import torch
 from tasks import cache
 from tasks.collect import ActivationSums
 from tasks.config import CollectConfig, ConceptConfig, EvalConfig, ScoreConfig, SelectConfig
-from tasks.directions import Candidates
+from tasks.directions import Candidates, LayerWeights
 from tasks.distributed import WorkerPool
 from tasks.errors import CompalignError
 from tasks.evaluate import EvalResult, mean_kl
@@ -150,7 +150,12 @@ def score_candidates_on_pool(
 
 
 def evaluate_and_edit(
-    pool: WorkerPool, concept: ConceptData, judge_cfg, eval_cfg: EvalConfig, direction: torch.Tensor
+    pool: WorkerPool,
+    concept: ConceptData,
+    judge_cfg,
+    eval_cfg: EvalConfig,
+    direction: torch.Tensor,
+    weights: LayerWeights | None = None,
 ) -> tuple[EvalResult, EvalResult, int]:
     """Evaluate the unedited model on worker 0 while worker 1 orthogonalizes its copy and evaluates that
     (with one worker, one after the other). The KL of the edited model is taken against the unedited
@@ -160,7 +165,7 @@ def evaluate_and_edit(
     before_future = pool.submit(0, "evaluate", *args)
     if editor == 0:
         ray.get(before_future)  # the same actor must finish the unedited evaluation before editing
-    pool.submit(editor, "orthogonalize", direction)
+    pool.submit(editor, "orthogonalize", direction, weights)
     after_future = pool.submit(editor, "evaluate", *args)
     with Progress("evaluate before/after", 2, "models") as bar:
         before = ray.get(before_future)
@@ -185,7 +190,8 @@ def summary_lines(concept_name: str, model: str, result: dict) -> list[str]:
     where = (
         f"layer {found.layer}, position {found.position} (of {found.n_positions} post-instruction positions)"
         if found.source == "search"
-        else f"from file (layer {found.layer}, position {found.position})"
+        else f"from file (layer {found.layer}, position {found.position}"
+        + (", per-layer kernel weights)" if found.weights is not None else ")")
     )
     return [
         f"compalign abliterate: concept {concept_name!r} on {model}",

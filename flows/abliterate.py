@@ -59,7 +59,7 @@ from tasks.config import (
     SelectConfig,
     StorageConfig,
 )
-from tasks.directions import difference_of_means, load_direction
+from tasks.directions import LayerWeights, difference_of_means, load_direction, load_layer_weights
 from tasks.distributed import WorkerPool
 from tasks.errors import CompalignError
 from tasks.model import inspect_model, resolve_device, resolve_dtype
@@ -99,7 +99,10 @@ def abliterate(cfg: AbliterateConfig, raw: DictConfig) -> dict:
     #    direction: every input is checked before a worker starts or a run is recorded.
     spec = inspect_model(cfg.model, cfg.model_options)
     concept = load_concept(cfg.data, spec.tokenizer, cfg.collect, cfg.eval)
-    given = load_direction(cfg.direction.file, spec.hidden_size) if cfg.direction.file else None
+    given = None
+    if cfg.direction.file:
+        direction, metadata = load_direction(cfg.direction.file, spec.hidden_size)
+        given = Found.from_file(direction, metadata, load_layer_weights(cfg.direction.file, spec.n_layers))
 
     with tracking.run(cfg.mlflow, f"abliterate-{cfg.data.name}", tags={"flow": "abliterate"}) as active:
         tracking.log_config(raw)
@@ -108,13 +111,13 @@ def abliterate(cfg: AbliterateConfig, raw: DictConfig) -> dict:
         pool = WorkerPool(cfg.model, cfg.model_options, cfg.collect, cfg.ray)
         try:
             # 2-5. Collect activations, form candidates, score them, select one (or take the given one).
-            found = find_direction(cfg, pool, spec, concept) if given is None else Found.from_file(*given)
+            found = find_direction(cfg, pool, spec, concept) if given is None else given
             mlflow.log_params({"chosen.layer": found.layer, "chosen.position": found.position})
-            tracking.log_tensors({"direction": found.direction}, "chosen.safetensors", found.metadata())
+            tracking.log_tensors(found.tensors(), "chosen.safetensors", found.metadata())
 
             # 6-8. Evaluate the unedited model, orthogonalize a copy, evaluate that (on two workers at once).
             before, after, editor = evaluate_and_edit(
-                pool, concept, cfg.data.judge, cfg.eval, found.direction
+                pool, concept, cfg.data.judge, cfg.eval, found.direction, found.weights
             )
             log_eval(before, after)
 
@@ -123,11 +126,7 @@ def abliterate(cfg: AbliterateConfig, raw: DictConfig) -> dict:
             if cfg.output.save:
                 uri = storage.absolute(cfg.output.uri or f"checkpoints/{active.info.run_id}")
                 card = _card(cfg, found, active.info.run_id)
-                extra = {
-                    "direction.safetensors": save(
-                        {"direction": found.direction.contiguous()}, found.metadata()
-                    )
-                }
+                extra = {"direction.safetensors": save(found.tensors(), found.metadata())}
                 location = ray.get(pool.submit(editor, "save", uri, card, extra))
                 tracking.log_checkpoint(cfg.mlflow.checkpoint, location)
         finally:
@@ -153,22 +152,44 @@ class Found:
 
     direction: torch.Tensor
     """(hidden,) unit vector."""
-    layer: int | None
+    layer: int | float | None
+    """Source layer (fractional for a sweep's blended direction)."""
     position: int | None
     n_positions: int | None = None
     table: pd.DataFrame | None = None
     """The ranked candidate table (when searched)."""
     source: str = "search"
+    weights: LayerWeights | None = None
+    """Per-layer weights of the removal (a sweep's kernels); None removes it fully everywhere."""
 
     @staticmethod
-    def from_file(direction: torch.Tensor, metadata: dict[str, str]) -> Found:
-        def number(key: str) -> int | None:
-            return int(metadata[key]) if metadata.get(key, "").lstrip("-").isdigit() else None
+    def from_file(
+        direction: torch.Tensor, metadata: dict[str, str], weights: LayerWeights | None = None
+    ) -> Found:
+        def number(key: str) -> int | float | None:
+            try:
+                value = float(metadata.get(key, ""))
+            except ValueError:
+                return None
+            return int(value) if value.is_integer() else value
 
-        return Found(direction, number("layer"), number("position"), source="file")
+        layer, position = number("layer"), number("position")
+        return Found(
+            direction, layer, None if position is None else int(position), source="file", weights=weights
+        )
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """What is saved beside the checkpoint and in MLflow: the direction (and the kernel weights)."""
+        out = {"direction": self.direction.contiguous()}
+        if self.weights is not None:
+            out.update(attn_weights=self.weights.attn.contiguous(), mlp_weights=self.weights.mlp.contiguous())
+        return out
 
     def metadata(self) -> dict[str, str]:
-        return {"layer": str(self.layer), "position": str(self.position), "source": self.source}
+        meta = {"layer": str(self.layer), "position": str(self.position), "source": self.source}
+        if self.weights is not None:
+            meta["embed_weight"] = str(self.weights.embed)
+        return meta
 
 
 def find_direction(cfg: AbliterateConfig, pool: WorkerPool, spec, concept) -> Found:
@@ -221,6 +242,7 @@ def _card(cfg: AbliterateConfig, found: Found, run_id: str) -> str:
         f"the difference-of-means direction of source layer {found.layer}, position {found.position}"
         if found.source == "search"
         else f"the direction from {cfg.direction.file}"
+        + (" (with its per-layer kernel weights)" if found.weights is not None else "")
     )
     return model_card(
         cfg.model,

@@ -421,7 +421,8 @@ def summary_lines(cfg: FinetuneConfig, summary: dict) -> list[str]:
     first, last = history.get(min(history, default=0), {}), history.get(result.steps, {})
     lines = [
         f"compalign finetune: {cfg.model} on {cfg.data.name} (filter {cfg.data.filter}, {cfg.deepspeed.name})",
-        f"  data             {report.rows_before} rows -> {report.rows_after} kept ({report.dropped})",
+        f"  data             {report.rows_before} rows -> {report.rows_after} kept "
+        f"({', '.join(f'{rule} dropped {n}' for rule, n in report.dropped.items()) or 'no filter'})",
         f"  train            {result.steps} steps, loss {first.get('loss', float('nan')):.3f} -> "
         f"{last.get('loss', float('nan')):.3f}, val loss {result.final.get('val_loss') or float('nan'):.3f}, "
         f"{last.get('tokens_per_s', 0):.0f} tokens/s, {result.attempts - 1} restart(s)",

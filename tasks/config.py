@@ -234,7 +234,8 @@ class DirectionConfig:
     file: str | None = None
     """Use this direction instead of searching one: a .safetensors (tensor "direction", as saved beside
     every abliterated checkpoint and in MLflow), .pt or .npy file, local or fsspec URL. Collection, scoring
-    and selection are skipped; evaluation and orthogonalization run as usual."""
+    and selection are skipped; evaluation and orthogonalization run as usual. A sweep's
+    best_trial.safetensors also carries its per-layer kernel weights, which the removal then follows."""
 
 
 @dataclass

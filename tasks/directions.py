@@ -126,6 +126,53 @@ def load_direction(uri: str, hidden: int) -> tuple[torch.Tensor, dict[str, str]]
     ), metadata
 
 
+@dataclass
+class LayerWeights:
+    """Per-layer weights of a direction's removal (a sweep's ablation kernels), as ``orthogonalize_weights``
+    and the hook ablation take them."""
+
+    attn: torch.Tensor
+    """(layers,) weight of the removal from each layer's attention output."""
+    mlp: torch.Tensor
+    """(layers,) weight of the removal from each layer's MLP output."""
+    embed: float
+    """Weight of the removal from the token embeddings."""
+
+
+def load_layer_weights(uri: str, n_layers: int) -> LayerWeights | None:
+    """The per-layer kernel weights a direction file carries (tensors ``attn_weights`` and ``mlp_weights``,
+    metadata ``embed_weight``, as in a sweep's best_trial.safetensors), or None for a plain direction."""
+    if not uri.endswith(".safetensors"):
+        return None
+    from safetensors.torch import load
+
+    from tasks import storage
+
+    data = storage.read_bytes(uri)
+    tensors = load(data)
+    present = {"attn_weights", "mlp_weights"} & tensors.keys()
+    if not present:
+        return None
+    if len(present) == 1:
+        raise CompalignError(f"{uri} has {present.pop()} but not the other one of attn_weights / mlp_weights")
+    weights = {}
+    for name in ("attn_weights", "mlp_weights"):
+        tensor = tensors[name].float()
+        if tensor.shape != (n_layers,):
+            raise CompalignError(
+                f"{uri}: {name} has shape {tuple(tensor.shape)} but the model has {n_layers} layers"
+            )
+        if not torch.isfinite(tensor).all():
+            raise CompalignError(f"{uri}: {name} contains NaN or infinite values")
+        weights[name] = tensor
+    embed = safetensors_metadata(data).get("embed_weight", "1.0")
+    try:
+        embed_weight = float(embed)
+    except ValueError as exc:
+        raise CompalignError(f"{uri}: embed_weight metadata {embed!r} is not a number") from exc
+    return LayerWeights(weights["attn_weights"], weights["mlp_weights"], embed_weight)
+
+
 def safetensors_metadata(data: bytes) -> dict[str, str]:
     """The free-form metadata of a safetensors file (its JSON header's __metadata__)."""
     import json

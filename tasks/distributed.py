@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import time
 
 import ray
@@ -20,6 +21,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from tasks.checkpoint import save_checkpoint
 from tasks.collect import ActivationSums, collect_activation_sums
 from tasks.config import CollectConfig, EvalConfig, JudgeConfig, ModelOptions, RayConfig
+from tasks.directions import LayerWeights
 from tasks.errors import CompalignError
 from tasks.evaluate import EvalResult, evaluate
 from tasks.judges import make_judge
@@ -58,8 +60,20 @@ def forwarded_env() -> dict[str, str]:
     return env
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def init_ray(cfg: RayConfig) -> None:
-    """Start a local Ray (default) or join ``cfg.address``; quiet unless something goes wrong."""
+    """Start a local Ray (default) or join ``cfg.address``; quiet unless something goes wrong.
+
+    A local Ray gets its dashboard on a port chosen here, and RAY_API_SERVER_ADDRESS names it in the
+    environment its processes inherit: Ray Train's placement-group cleaner polls the State API every
+    second, and without a dashboard it logs a warning each time; with a second local Ray on the same
+    machine, its auto-detected address could even be the other cluster's, where our training controller
+    is unknown and so taken for dead (the cleaner then removes our workers' placement group)."""
     if ray.is_initialized():
         return
     env = forwarded_env()
@@ -70,8 +84,15 @@ def init_ray(cfg: RayConfig) -> None:
         "runtime_env": {"env_vars": env} if env else None,
     }
     if cfg.address is None:
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # local only: the dashboard is not exposed
-        kwargs.update(num_cpus=cfg.num_cpus, include_dashboard=False)
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # local only: the dashboard listens on loopback
+        # Ray Train's spot-preemption watcher has nothing to watch on one machine, and its start logs an
+        # error-level line (restartable actor with arguments in the object store) into every local run.
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+        port = _free_port()
+        os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+        kwargs.update(
+            num_cpus=cfg.num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port
+        )
     try:
         ray.init(**kwargs)
     except ConnectionError as exc:
@@ -139,8 +160,12 @@ class ModelWorker:
             reference,
         )
 
-    def orthogonalize(self, direction: torch.Tensor) -> int:
-        return len(orthogonalize_weights(self.loaded.model, direction.to(self.loaded.device)))
+    def orthogonalize(self, direction: torch.Tensor, weights: LayerWeights | None = None) -> int:
+        r = direction.to(self.loaded.device)
+        if weights is None:
+            return len(orthogonalize_weights(self.loaded.model, r))
+        edited = orthogonalize_weights(self.loaded.model, r, weights.attn, weights.mlp, weights.embed)
+        return len(edited)
 
     def save(self, uri: str, card: str, extra_files: dict[str, bytes]) -> str:
         return save_checkpoint(self.loaded.model, self.loaded.tokenizer, uri, card, extra_files)

@@ -47,10 +47,14 @@ def _rows(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return t[:, None, :] if t.dim() == 2 else t
 
 
-def project_out(x: torch.Tensor, direction: torch.Tensor, weight: float | torch.Tensor = 1.0) -> torch.Tensor:
-    """x - weight * (x . r) r, with r (hidden,) or (rows, hidden) for x (rows, seq, hidden)."""
+def project_out(x: torch.Tensor, direction: torch.Tensor, weight: float = 1.0) -> torch.Tensor:
+    """x - weight * (x . r) r, with r (hidden,) or (rows, hidden) for x (rows, seq, hidden).
+
+    The dot product is a matrix product and the update one fused multiply-add: this runs after every
+    residual writer of every candidate's forward pass, so elementwise temporaries add up."""
     r = _rows(direction, x)
-    return x - weight * (x * r).sum(-1, keepdim=True) * r
+    coef = (x @ r)[..., None] if r.dim() == 1 else x @ r.transpose(-1, -2)  # (rows, seq, 1)
+    return torch.addcmul(x, coef, r, value=-weight)
 
 
 def _replace_first(output, value):

@@ -101,7 +101,10 @@ def ray_local():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+        from tasks.config import RayConfig
+        from tasks.distributed import init_ray
+
+        init_ray(RayConfig(num_cpus=4, log_to_driver=False))  # as the flows start it
     yield ray
     ray.shutdown()
 

@@ -5,7 +5,8 @@
 Prints ratios measured in this one run:
   1. activation collection with all-layer hooks / the same batches through a bare forward (aim <= 1.10);
   2. candidate scoring cost per candidate in units of one bare forward pass over the validation set, and
-     the speed-up of the batched scorer over the plain one-candidate-at-a-time loop (aim >= 3x);
+     the speed-up of the batched scorer over the plain one-candidate-at-a-time loop (aim >= 3x), for the
+     scorer alone and for the flow's default two-stage scoring (screen, then finalists);
   3. peak memory (max RSS of a fresh process) of collection at 64 and 512 prompts (must be about equal).
 """
 
@@ -95,19 +96,32 @@ def bench_collection(loaded, batch_size: int) -> None:
 
 
 def bench_scoring(loaded, n_candidates: int) -> None:
+    """Candidates as the flow builds them: source layers spread over those below the default cut-off
+    (0.8 of the depth), validation sets of the bundled concepts' size (24 + 24)."""
     from tasks.collect import collect_activation_sums
+    from tasks.config import SelectConfig
     from tasks.directions import difference_of_means
     from tasks.forward import chunks, left_pad, pad_id, positions_from_mask, tokenize
+    from tasks.model import num_layers
     from tasks.prompts import format_chat
-    from tasks.score import CandidateScorer, behaviour_token_ids, build_candidates, reference_scores
+    from tasks.score import (
+        CandidateScorer,
+        behaviour_token_ids,
+        build_candidates,
+        reference_scores,
+        scorable_layers,
+    )
+    from tasks.select import pick_finalists
 
     model, tok = loaded.model, loaded.tokenizer
-    target, baseline = prompts("harmful_val.jsonl", 16), prompts("harmless_val.jsonl", 16)
-    sums_t = collect_activation_sums(model, tok, prompts("harmful_train.jsonl", 32), 6, 16)
-    sums_b = collect_activation_sums(model, tok, prompts("harmless_train.jsonl", 32), 6, 16)
-    cands = build_candidates(
-        difference_of_means(sums_t, sums_b), list(range(4, 4 + n_candidates // 2)), [-1, -2], 1.0
+    target, baseline = prompts("harmful_val.jsonl", 24), prompts("harmless_val.jsonl", 24)
+    directions = difference_of_means(
+        collect_activation_sums(model, tok, prompts("harmful_train.jsonl", 32), 6, 16),
+        collect_activation_sums(model, tok, prompts("harmless_train.jsonl", 32), 6, 16),
     )
+    layers = scorable_layers(num_layers(model), 0.8)[1:]  # layer 0 (embeddings) has no direction at -1
+    spread = [layers[round(i * (len(layers) - 1) / (n_candidates - 1))] for i in range(n_candidates)]
+    cands = build_candidates(directions, spread, [-1], 1.0)
     ids = behaviour_token_ids(tok, ["I", "Sorry", "As"])
 
     @torch.inference_mode()
@@ -124,9 +138,22 @@ def bench_scoring(loaded, n_candidates: int) -> None:
         lambda: reference_scores(model, tok, target, baseline, ids, cands, batch_size=16), repeat=1
     ) / len(cands)
     print(
-        f"2. scoring ({len(target)}+{len(baseline)} validation prompts, {len(cands)} candidates): "
-        f"{fast / unit:.2f} bare forward passes per candidate (plain loop: {slow / unit:.2f}); "
+        f"2. scoring ({len(target)}+{len(baseline)} validation prompts, {len(cands)} candidates at layers "
+        f"{spread}): {fast / unit:.2f} bare forward passes per candidate (plain loop: {slow / unit:.2f}); "
         f"speed-up {slow / fast:.2f}x (aim >= 3x)"
+    )
+
+    # The flow's default two-stage scoring: every candidate on 8 prompts per set, the 16 best on all.
+    every = build_candidates(directions, layers[::2], [-1, -2, -3], 1.0)
+    start = time.perf_counter()
+    screen = CandidateScorer(model, tok, target[:8], baseline[:8], ids, batch_size=16, candidates_per_pass=4)
+    first = screen.score(every)
+    keep = pick_finalists(first, num_layers(model), SelectConfig(), screen.clean_baseline_log_odds, 16)
+    scorer.score([every[i] for i in keep])
+    staged = (time.perf_counter() - start) / len(every)
+    print(
+        f"   two-stage (screen on 8+8, 16 finalists on all; {len(every)} candidates): "
+        f"{staged / unit:.2f} bare forward passes per candidate, speed-up {slow / staged:.2f}x over the plain loop"
     )
 
 

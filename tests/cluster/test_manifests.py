@@ -530,3 +530,20 @@ def test_rayjob_overrides_match_conf(label, job):
         # `group=option` picks conf/<group>/<option>.yaml, which must exist.
         if top in groups and key == top and "/" not in value and value != "null":
             assert (CONF / top / f"{value}.yaml").is_file(), f"{label}: `{token}`: no conf/{top}/{value}.yaml"
+
+
+@pytest.mark.parametrize("label,job", _rayjobs(), ids=_ids(_rayjobs()))
+def test_rayjob_entrypoint_builds_a_valid_typed_config(label, job):
+    """The entrypoint's overrides compose with the flow's Hydra config into its typed config, every
+    __post_init__ check run (a wrong config group, such as an abliterate concept given to finetune, fails
+    here instead of on a paid cluster). Nothing is loaded: models and data are only named."""
+    import importlib
+
+    from flows._common import to_config
+    from tests.conftest import compose
+
+    flow, tokens = _flow_of(job["spec"]["entrypoint"])
+    module = importlib.import_module(f"flows.{flow}")  # registers the flow's schema
+    schema = next(v for k, v in vars(module).items() if k.lower() == f"{flow}config")
+    cfg = to_config(compose(flow, [t for t in tokens if not t.startswith("-")]), schema)
+    assert cfg.ray.address == "auto", f"{label}: a RayJob must join its cluster (ray.address=auto)"

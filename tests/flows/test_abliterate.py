@@ -84,7 +84,7 @@ def test_french_run_is_tracked_and_saved(french_run, smollm2):
         for a in client.list_artifacts(run.info.run_id, d)
     }
     assert {
-        "config.yaml", "candidate_scores.csv", "candidate_scores.png", "model.json" if False else "config.yaml",
+        "config.yaml", "candidate_scores.csv", "candidate_scores.png",
         "directions/candidates.safetensors", "directions/chosen.safetensors", "eval/answers.json",
         "environment/packages.json", "checkpoint.json",
     } <= artifacts  # fmt: skip
@@ -141,6 +141,44 @@ def test_tiny_model_search_then_given_direction(tiny_dirs, workdir):
     assert (second["found"].layer, second["found"].position) == (found.layer, found.position)
     assert torch.allclose(second["found"].direction, found.direction)
     assert second["after"].kl == pytest.approx(first["after"].kl, rel=1e-4)
+
+
+def test_given_direction_with_sweep_kernels_follows_them(tiny_dirs, workdir):
+    """A sweep's best_trial.safetensors (direction, per-layer attention/MLP weights, embedding weight) is
+    removed with those weights: the saved checkpoint equals the weighted hook ablation of the unedited model."""
+    from safetensors.torch import load_file, save_file
+
+    model_dir = tiny_dirs["llama"]
+    unedited = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    hidden, layers = unedited.config.hidden_size, unedited.config.num_hidden_layers
+    direction = torch.randn(hidden, generator=torch.Generator().manual_seed(5))
+    direction /= direction.norm()
+    attn, mlp = torch.tensor([0.0, 0.5, 1.2]), torch.tensor([1.0, 0.25, 0.0])
+    trial = workdir / "best_trial.safetensors"
+    tensors = {"direction": direction, "attn_weights": attn, "mlp_weights": mlp}
+    save_file(tensors, trial, {"layer": "1.5", "position": "-1", "embed_weight": "0.0"})
+
+    result = run_flow([*_tiny_overrides(model_dir, workdir), f"direction.file={trial}"])
+    found = result["found"]
+    assert found.layer == 1.5 and found.position == -1 and found.weights is not None
+    saved = load_file(Path(result["checkpoint"]) / "direction.safetensors")
+    assert torch.equal(saved["attn_weights"], attn) and torch.equal(saved["mlp_weights"], mlp)
+
+    ids = torch.randint(0, unedited.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
+    kernel = Ablation(direction=direction, attn_weights=attn, mlp_weights=mlp, embed_weight=0.0)
+    with torch.no_grad():
+        with intervene(unedited, ablation=kernel):
+            hooked = unedited(ids).logits
+        with intervene(unedited, ablation=Ablation(direction=direction)):
+            full = unedited(ids).logits
+        edited = AutoModelForCausalLM.from_pretrained(result["checkpoint"])(ids).logits
+    assert (edited - hooked).abs().max() < 1e-4
+    assert (edited - full).abs().max() > 1e-3  # the kernel mattered: not the plain full removal
+
+    lopsided = workdir / "lopsided.safetensors"
+    save_file({"direction": direction, "attn_weights": attn, "mlp_weights": torch.ones(layers + 1)}, lopsided)
+    with pytest.raises(SystemExit):
+        run_flow([*_tiny_overrides(model_dir, workdir), f"direction.file={lopsided}"])
 
 
 def _bad(overrides: list[str], message: str, capsys_or_caplog, workdir: Path) -> None:

@@ -108,7 +108,10 @@ def s3_ray(s3):
     if ray.is_initialized() and os.environ.get("AWS_ENDPOINT_URL_S3") != _ray_env(ray):
         ray.shutdown()
     if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+        from tasks.config import RayConfig
+        from tasks.distributed import init_ray
+
+        init_ray(RayConfig(num_cpus=4, log_to_driver=False))  # as the flows start it
     return ray
 
 

@@ -55,3 +55,32 @@ def test_direction_files(tmp_path):
         load_direction(str(tmp_path / "bad.safetensors"), 8)
     with pytest.raises(CompalignError, match="all zeros"):
         check_direction(torch.zeros(8), 8)
+
+
+def test_layer_weights_of_a_sweep_trial_file(tmp_path):
+    from tasks.directions import load_layer_weights
+
+    r = torch.ones(8) / 8**0.5
+    plain = tmp_path / "plain.safetensors"
+    save_file({"direction": r}, plain)
+    assert load_layer_weights(str(plain), 3) is None
+    assert load_layer_weights(str(tmp_path / "d.pt"), 3) is None  # only safetensors carry kernels
+
+    trial = tmp_path / "trial.safetensors"
+    save_file({"direction": r, "attn_weights": torch.ones(3), "mlp_weights": torch.zeros(3)}, trial,
+              {"embed_weight": "0.5"})  # fmt: skip
+    weights = load_layer_weights(str(trial), 3)
+    assert weights.embed == 0.5 and weights.attn.tolist() == [1, 1, 1] and weights.mlp.tolist() == [0, 0, 0]
+    with pytest.raises(CompalignError, match="model has 4 layers"):
+        load_layer_weights(str(trial), 4)
+
+    half = tmp_path / "half.safetensors"
+    save_file({"direction": r, "attn_weights": torch.ones(3)}, half)
+    with pytest.raises(CompalignError, match="but not the other one"):
+        load_layer_weights(str(half), 3)
+    nan = tmp_path / "nan.safetensors"
+    save_file(
+        {"direction": r, "attn_weights": torch.ones(3), "mlp_weights": torch.full((3,), float("nan"))}, nan
+    )
+    with pytest.raises(CompalignError, match="NaN"):
+        load_layer_weights(str(nan), 3)

@@ -63,3 +63,22 @@ def test_forwarded_env_leaves_the_jobs_own_variables_to_the_job(monkeypatch):
     job = {"runtime_env": {"working_dir": "gcs://x.zip", "env_vars": {"AWS_DEFAULT_REGION": "eu-west-1"}}}
     monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps(job))
     assert forwarded_env() == {"AWS_ENDPOINT_URL_S3": "http://minio:9000"}
+
+
+@ray.remote(num_cpus=0)
+class _StateProbe:
+    def alive(self, actor_id: str):
+        from ray.train.v2._internal.state.util import is_actor_alive
+
+        return is_actor_alive(actor_id=actor_id, timeout=10)
+
+
+def test_workers_reach_the_state_api_of_their_own_local_ray(ray_local):
+    """Ray Train's placement-group cleaner asks the State API, from a worker, whether the training
+    controller is alive: on the local Ray the flows start it must find the right cluster and get an
+    answer (else it warns every second, or takes the controller for dead and removes its workers)."""
+    probe = _StateProbe.remote()
+    try:
+        assert ray.get(probe.alive.remote(probe._actor_id.hex())) is True
+    finally:
+        ray.kill(probe)
