@@ -15,7 +15,7 @@ from tasks.config import CollectConfig, ConceptConfig, EvalConfig, ScoreConfig, 
 from tasks.directions import Candidates, LayerWeights
 from tasks.distributed import WorkerPool
 from tasks.errors import CompalignError
-from tasks.evaluate import EvalResult, mean_kl
+from tasks.evaluate import EvalResult
 from tasks.model import ModelSpec
 from tasks.progress import Progress
 from tasks.prompts import (
@@ -136,7 +136,7 @@ def score_candidates_on_pool(
         for c in build_candidates(candidates, layers, positions, score_cfg.induce_scale)
         if float(candidates.norms[c.layer, candidates.position_index(c.position)]) > floor
     ]
-    args = (concept.token_ids, score_cfg.batch_size, score_cfg.candidates_per_pass)
+    args = (concept.token_ids, score_cfg.batch_size, score_cfg.candidates_per_pass, score_cfg.kl_prompts)
     screen = score_cfg.screen_prompts
     screened: list[CandidateScore] = []
     if screen and len(todo) > score_cfg.finalists and screen < min(len(target_val), len(baseline_val)):
@@ -172,7 +172,7 @@ def evaluate_and_edit(
         bar.update()
         after = ray.get(after_future)
         bar.update()
-    after.kl = mean_kl(before.baseline_logprobs, after.baseline_logprobs)
+    after.compare(before)
     return before, after, editor
 
 
@@ -200,7 +200,8 @@ def summary_lines(concept_name: str, model: str, result: dict) -> list[str]:
         f"({before.target.rate:.0%}) -> {after.target.flagged}/{after.target.total} ({after.target.rate:.0%})",
         f"  baseline test    {before.baseline.flagged}/{before.baseline.total} -> "
         f"{after.baseline.flagged}/{after.baseline.total}",
-        f"  KL (baseline)    {after.kl:.4f} first-token KL, edited vs unedited",
+        f"  KL (baseline)    {after.kl:.4f} first-token KL, edited vs unedited "
+        f"({after.kl_without_behaviour:.4f} on the baseline prompts answered without the behaviour)",
         f"  perplexity       {before.perplexity:.2f} -> {after.perplexity:.2f} ({rise:+.1f}%) on held-out English text",
         f"  checkpoint       {result['checkpoint'] or 'not saved (output.save=false)'}",
         f"  MLflow run       {result['run_id']}",

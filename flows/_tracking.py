@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import logging
+import re
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -20,8 +21,10 @@ from safetensors.torch import save_file
 
 from tasks import storage
 from tasks.config import MlflowConfig
+from tasks.errors import CompalignError
 
 log = logging.getLogger("compalign")
+RUN_ID = re.compile(r"[0-9a-f]{32}")
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 TRACKED_PACKAGES = (
     "compalign", "torch", "transformers", "accelerate", "ray", "mlflow", "hydra-core", "optuna",
@@ -193,3 +196,23 @@ def _metric_list(metrics: dict[str, float]) -> list:
 
     now = int(time.time() * 1000)
     return [Metric(str(k), float(v), now, 0) for k, v in metrics.items()]
+
+
+def direction_source(source: str, cfg: MlflowConfig, key: str) -> str:
+    """Where to read a direction given as an MLflow run id (its directions/chosen.safetensors, or
+    best_trial.safetensors for a sweep run), as runs:/<id>/<artifact path>, or as a file or URL (returned
+    as it is). Artifacts are downloaded to a local temporary path."""
+    run_id, _, path = source.removeprefix("runs:/").partition("/")
+    if not RUN_ID.fullmatch(run_id):
+        return source
+    configure(cfg)
+    try:
+        if not path:
+            flow = mlflow.MlflowClient().get_run(run_id).data.tags.get("flow")
+            path = f"directions/{'best_trial' if flow == 'sweep' else 'chosen'}.safetensors"
+        return mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path)
+    except Exception as exc:  # MLflow raises several types for a missing run or artifact
+        raise CompalignError(
+            f"{key}={source}: cannot fetch {path or 'the direction'} of MLflow run {run_id} from "
+            f"{cfg.tracking_uri} ({exc}); give a run id of that store or a file"
+        ) from exc

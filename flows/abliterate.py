@@ -101,8 +101,9 @@ def abliterate(cfg: AbliterateConfig, raw: DictConfig) -> dict:
     concept = load_concept(cfg.data, spec.tokenizer, cfg.collect, cfg.eval)
     given = None
     if cfg.direction.file:
-        direction, metadata = load_direction(cfg.direction.file, spec.hidden_size)
-        given = Found.from_file(direction, metadata, load_layer_weights(cfg.direction.file, spec.n_layers))
+        path = tracking.direction_source(cfg.direction.file, cfg.mlflow, "direction.file")
+        direction, metadata = load_direction(path, spec.hidden_size)
+        given = Found.from_file(direction, metadata, load_layer_weights(path, spec.n_layers))
 
     with tracking.run(cfg.mlflow, f"abliterate-{cfg.data.name}", tags={"flow": "abliterate"}) as active:
         tracking.log_config(raw)

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -91,7 +90,6 @@ from tasks.train import (
 log = logging.getLogger("compalign.finetune")
 PARENT_RUN_ENV = "COMPALIGN_MLFLOW_PARENT_RUN"
 SWEEP_RAY_ENV = "COMPALIGN_SWEEP_RAY_ADDRESS"
-RUN_ID = re.compile(r"[0-9a-f]{32}")
 
 
 @dataclass
@@ -153,7 +151,7 @@ def finetune(cfg: FinetuneConfig, raw: DictConfig) -> dict:
     rules = filter_rules(cfg.data.filter)
     direction = None
     if "direction" in rules:
-        path = _direction_file(cfg.filter.direction, cfg.mlflow)
+        path = tracking.direction_source(cfg.filter.direction, cfg.mlflow, "filter.direction")
         direction = load_refusal_direction(path, spec.hidden_size, spec.n_layers, cfg.filter.layer)
     prompts = _eval_prompts(cfg.eval) if cfg.eval.enabled else None
 
@@ -296,24 +294,6 @@ def prepare(cfg: FinetuneConfig, spec, conversations, rules, direction, ray_cfg:
         per_epoch,
     )
     return PreparedData(report, train_set, val_set, len(unusable) + len(unusable_val), per_epoch, total)
-
-
-def _direction_file(source: str, mlflow_cfg: MlflowConfig) -> str:
-    """A local path of the direction: the artifact directions/chosen.safetensors of an MLflow run
-    (bare run id or runs:/<id>), else ``source`` itself (a file or URL)."""
-    run_id = source.removeprefix("runs:/").split("/")[0] if source.startswith("runs:/") else source
-    if not RUN_ID.fullmatch(run_id):
-        return source
-    tracking.configure(mlflow_cfg)
-    try:
-        return mlflow.artifacts.download_artifacts(
-            run_id=run_id, artifact_path="directions/chosen.safetensors"
-        )
-    except Exception as exc:  # MLflow raises several types for a missing run or artifact
-        raise CompalignError(
-            f"filter.direction={source}: cannot fetch directions/chosen.safetensors of MLflow run {run_id} "
-            f"from {mlflow_cfg.tracking_uri} ({exc}); give an abliterate run id of that store or a file"
-        ) from exc
 
 
 def _direction_scores(cfg, spec, conversations, direction, ray_cfg) -> list[float]:

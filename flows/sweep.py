@@ -55,7 +55,6 @@ from tasks.config import (
 from tasks.directions import difference_of_means
 from tasks.distributed import RayTrialRunner, WorkerPool
 from tasks.errors import ConfigError
-from tasks.evaluate import mean_kl
 from tasks.model import inspect_model, resolve_device, resolve_dtype
 from tasks.progress import Progress
 from tasks.search import (
@@ -175,7 +174,7 @@ def sweep(cfg: SweepConfig, raw: DictConfig) -> dict:
             # 4. Every worker tokenizes the validation prompts and caches the unedited model's references.
             clean = pool.prepare_trials(
                 target_val, baseline_val, concept.token_ids, cfg.search.batch_size, candidates,
-                cfg.search.resume_from_layer, cfg.search.threshold, cfg.search.rate,
+                cfg.search.resume_from_layer, cfg.search.threshold, cfg.search.rate, cfg.search.kl_prompts,
             )  # fmt: skip
             threshold = ray.get(pool.actors[0].trial_threshold.remote())
             mlflow.log_metrics({f"val.unedited.{k}": v for k, v in clean.metrics().items()})
@@ -311,7 +310,7 @@ def _confirm(
             bar.update()
     unedited = results[0]
     for conf in results[1:]:
-        conf.result.kl = mean_kl(unedited.result.baseline_logprobs, conf.result.baseline_logprobs)
+        conf.result.compare(unedited.result)
     return results
 
 

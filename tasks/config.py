@@ -232,7 +232,8 @@ class DirectionConfig:
     projected: bool = False
     """Remove each difference of means' component along the baseline mean before normalising."""
     file: str | None = None
-    """Use this direction instead of searching one: a .safetensors (tensor "direction", as saved beside
+    """Use this direction instead of searching one: an MLflow run id (an abliterate run's chosen direction,
+    a sweep run's best trial), runs:/<id>/<artifact path>, or a .safetensors (tensor "direction", as saved beside
     every abliterated checkpoint and in MLflow), .pt or .npy file, local or fsspec URL. Collection, scoring
     and selection are skipped; evaluation and orthogonalization run as usual. A sweep's
     best_trial.safetensors also carries its per-layer kernel weights, which the removal then follows."""
@@ -255,6 +256,10 @@ class ScoreConfig:
     only the ``finalists`` best on all of them (null: score every candidate on all, one stage)."""
     finalists: int = 16
     """How many screened candidates are scored in full."""
+    kl_prompts: str = "without_behaviour"
+    """Baseline prompts the KL is averaged over: without_behaviour (those the unedited model does not meet
+    with the behaviour: a tuned model's over-refusals of harmless requests should change, and are not
+    damage) or all."""
 
     def __post_init__(self) -> None:
         _require(
@@ -275,6 +280,10 @@ class ScoreConfig:
             f"score.screen_prompts must be > 0 or null, got {self.screen_prompts}",
         )
         _require(self.finalists > 0, f"score.finalists must be > 0, got {self.finalists}")
+        _require(
+            self.kl_prompts in ("without_behaviour", "all"),
+            f"score.kl_prompts must be without_behaviour or all, got {self.kl_prompts!r}",
+        )
 
 
 @dataclass

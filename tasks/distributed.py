@@ -126,10 +126,23 @@ class ModelWorker:
         )
 
     def prepare_scoring(
-        self, target: list[str], baseline: list[str], token_ids: list[int], batch_size: int, per_pass: int
+        self,
+        target: list[str],
+        baseline: list[str],
+        token_ids: list[int],
+        batch_size: int,
+        per_pass: int,
+        kl_prompts: str,
     ) -> None:
         self.scorer = CandidateScorer(
-            self.loaded.model, self.loaded.tokenizer, target, baseline, token_ids, batch_size, per_pass
+            self.loaded.model,
+            self.loaded.tokenizer,
+            target,
+            baseline,
+            token_ids,
+            batch_size,
+            per_pass,
+            kl_prompts,
         )
 
     def clean_log_odds(self) -> tuple[float, float]:
@@ -186,6 +199,7 @@ class ModelWorker:
         resume: bool,
         threshold: float | None,
         rate: str,
+        kl_prompts: str,
         part: int,
         parts: int,
     ) -> list:
@@ -194,7 +208,17 @@ class ModelWorker:
         self.candidates = candidates
         model, tokenizer = self.loaded.model, self.loaded.tokenizer
         self.trials = TrialEvaluator(
-            model, tokenizer, target, baseline, token_ids, batch_size, resume, threshold, False, rate
+            model,
+            tokenizer,
+            target,
+            baseline,
+            token_ids,
+            batch_size,
+            resume,
+            threshold,
+            False,
+            rate,
+            kl_prompts,
         )
         return [
             (i, {k: v.cpu() for k, v in resid.items()}, logits.cpu())
@@ -355,13 +379,18 @@ class WorkerPool:
         return ActivationSums.merge(parts)
 
     def prepare_scoring(
-        self, target: list[str], baseline: list[str], token_ids: list[int], batch_size: int, per_pass: int
+        self,
+        target: list[str],
+        baseline: list[str],
+        token_ids: list[int],
+        batch_size: int,
+        per_pass: int,
+        kl_prompts: str = "without_behaviour",
     ) -> tuple[float, float]:
         """Tokenize the validation prompts and compute clean references on every worker; returns the clean
         (target, baseline) behaviour log-odds."""
-        ray.get(
-            [a.prepare_scoring.remote(target, baseline, token_ids, batch_size, per_pass) for a in self.actors]
-        )
+        args = (target, baseline, token_ids, batch_size, per_pass, kl_prompts)
+        ray.get([a.prepare_scoring.remote(*args) for a in self.actors])
         return ray.get(self.actors[0].clean_log_odds.remote())
 
     def score(self, candidates: list[Candidate], stage: str = "score candidates") -> list[CandidateScore]:
@@ -386,12 +415,13 @@ class WorkerPool:
         resume: bool = True,
         threshold: float | None = None,
         rate: str = "top1",
+        kl_prompts: str = "without_behaviour",
     ) -> TrialScore:
         """Tokenize the validation prompts on every worker, compute the unedited model's references
         (residuals entering every layer, logits) split over the workers, and give every worker all of
         them. Returns the unedited scores."""
         shared = ray.put(candidates)
-        args = (target, baseline, token_ids, batch_size, shared, resume, threshold, rate)
+        args = (target, baseline, token_ids, batch_size, shared, resume, threshold, rate, kl_prompts)
         parts = [a.prepare_trials.remote(*args, i, self.size) for i, a in enumerate(self.actors)]
         cleans = ray.get([a.install_trial_references.remote(*parts) for a in self.actors])
         return cleans[0]

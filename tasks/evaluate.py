@@ -118,6 +118,9 @@ class EvalResult:
     """(baseline test prompts, vocab) first-token log-probs, the reference for the next evaluation's KL."""
     kl: float | None = None
     """Mean first-token KL(reference || this model) on baseline test prompts, when a reference was given."""
+    kl_without_behaviour: float | None = None
+    """The same KL over only the baseline prompts whose reference answers the judge did not flag (for
+    refusal: the harmless requests the reference model answers), when ``compare`` set it."""
 
     def metrics(self, prefix: str) -> dict[str, float]:
         out = {
@@ -129,7 +132,18 @@ class EvalResult:
         }
         if self.kl is not None:
             out[f"{prefix}.kl"] = self.kl
+        if self.kl_without_behaviour is not None:
+            out[f"{prefix}.kl_without_behaviour"] = self.kl_without_behaviour
         return out
+
+    def compare(self, reference: EvalResult) -> None:
+        """Set the KL of this model against ``reference`` on the same baseline prompts: over all of them,
+        and over those whose reference answers were not flagged (NaN when every one was)."""
+        self.kl = mean_kl(reference.baseline_logprobs, self.baseline_logprobs)
+        keep = [i for i, sample in enumerate(reference.baseline.samples) if not sample["flagged"]]
+        self.kl_without_behaviour = (
+            mean_kl(reference.baseline_logprobs[keep], self.baseline_logprobs[keep]) if keep else math.nan
+        )
 
     def samples(self) -> dict:
         return {"target": self.target.samples, "baseline": self.baseline.samples}

@@ -41,6 +41,26 @@ from tasks.prompts import format_chat
 
 log = logging.getLogger(__name__)
 
+KL_PROMPTS = ("without_behaviour", "all")
+"""Which baseline prompts the KL is averaged over: those on which the unedited model does not show the
+behaviour (its greedy first token is not a behaviour token), or all of them."""
+
+
+def kl_mask(clean_logits: torch.Tensor, token_ids: list[int], kl_prompts: str) -> torch.Tensor:
+    """(baseline prompts,) bool: the prompts the KL is averaged over. A baseline prompt the unedited model
+    already meets with the behaviour (a fine-tuned model refusing a harmless request) is expected to
+    change when the behaviour is removed; counting it as damage would push the search away from
+    directions that work. When every prompt shows the behaviour, all are kept."""
+    if kl_prompts not in KL_PROMPTS:
+        raise CompalignError(f"kl_prompts must be one of {', '.join(KL_PROMPTS)}, got {kl_prompts!r}")
+    if kl_prompts == "all":
+        return torch.ones(clean_logits.shape[0], dtype=torch.bool)
+    keep = ~torch.isin(clean_logits.argmax(-1).cpu(), torch.tensor(token_ids))
+    if not keep.any():
+        log.warning("every baseline prompt shows the behaviour unedited: the KL is taken over all of them")
+        return torch.ones_like(keep)
+    return keep
+
 
 @dataclass
 class Candidate:
@@ -121,9 +141,11 @@ class CandidateScorer:
         token_ids: list[int],
         batch_size: int = 16,
         candidates_per_pass: int = 4,
+        kl_prompts: str = "without_behaviour",
     ) -> None:
         if not target_prompts or not baseline_prompts:
             raise CompalignError("scoring needs at least one target and one baseline validation prompt")
+        self.kl_prompts = kl_prompts
         self.model = model
         self.token_ids = token_ids
         self.batch_size = batch_size
@@ -170,6 +192,8 @@ class CandidateScorer:
             for row, i in enumerate(batch.index.tolist()):
                 logps[i] = torch.log_softmax(logits[row], -1)
         self.clean_logp = torch.stack([logps[i] for i in range(self.n_baseline)])
+        self.kl_rows = kl_mask(self.clean_logp, self.token_ids, self.kl_prompts)
+        """(baseline prompts,) bool: those the KL is averaged over."""
         for batch in self.all_batches:
             if not batch.is_target.any():
                 continue
@@ -230,12 +254,14 @@ class CandidateScorer:
                     prefix_len=len(self.prefix),
                 )
             lo = behaviour_log_odds(logits, self.token_ids).cpu().view(n, rows)
-            is_base = ~batch.is_target
-            clean = self.clean_logp[batch.index[is_base]].to(self.device)
+            # baseline rows that count for the KL (self.kl_rows is indexed by baseline prompt)
+            pairs = zip(batch.is_target.tolist(), batch.index.tolist(), strict=True)
+            for_kl = torch.tensor([not t and bool(self.kl_rows[i]) for t, i in pairs])
+            clean = self.clean_logp[batch.index[for_kl]].to(self.device)
             for k, slot in enumerate(slots):
                 bypass[slot].append(lo[k][batch.is_target])
-                if is_base.any():
-                    part = logits[k * rows : (k + 1) * rows][is_base.to(self.device)]
+                if for_kl.any():
+                    part = logits[k * rows : (k + 1) * rows][for_kl.to(self.device)]
                     kls[slot].append(kl_divergence(clean, part).cpu())
 
     def _induce_pass(self, layer: int, cands: list[Candidate], slots: list[int], induce: dict) -> None:
@@ -275,6 +301,7 @@ def reference_scores(
     token_ids: list[int],
     candidates: list[Candidate],
     batch_size: int = 16,
+    kl_prompts: str = "without_behaviour",
 ) -> list[CandidateScore]:
     """The plain loop the scorer replaces: per candidate, three full forward passes (bypass on target,
     KL and induce on baseline), full-length logits, no sharing. Used by tests and the benchmark."""
@@ -293,11 +320,12 @@ def reference_scores(
         return torch.cat(out)
 
     clean_logp = torch.log_softmax(logits_of(baseline_prompts), -1)
+    rows = kl_mask(clean_logp, token_ids, kl_prompts)
     scores = []
     for cand in candidates:
         with intervene(model, ablation=Ablation(direction=cand.direction.to(device))):
             bypass = behaviour_log_odds(logits_of(target_prompts), token_ids).mean()
-            kl = kl_divergence(clean_logp, logits_of(baseline_prompts)).mean()
+            kl = kl_divergence(clean_logp, logits_of(baseline_prompts))[rows].mean()
         with intervene(model, addition=Addition(vector=cand.add_vector.to(device), layer=cand.layer)):
             induce = behaviour_log_odds(logits_of(baseline_prompts), token_ids).mean()
         scores.append(CandidateScore(cand.layer, cand.position, float(bypass), float(induce), float(kl)))

@@ -159,9 +159,16 @@ class SearchConfig:
     halfway between the unedited model's mean target and mean baseline log-odds."""
     resume_from_layer: bool = True
     """Start each trial's forward pass at the first layer it edits, from cached clean residuals."""
+    kl_prompts: str = "without_behaviour"
+    """Baseline prompts the KL objective is averaged over: without_behaviour (those the unedited model
+    does not meet with the behaviour) or all (see score.kl_prompts)."""
 
     def __post_init__(self) -> None:
         _require(self.kind in ("grid", "tpe"), f"search.kind must be grid or tpe, got {self.kind!r}")
+        _require(
+            self.kl_prompts in ("without_behaviour", "all"),
+            f"search.kl_prompts must be without_behaviour or all, got {self.kl_prompts!r}",
+        )
         _require(
             self.rate in ("top1", "threshold"), f"search.rate must be top1 or threshold, got {self.rate!r}"
         )

@@ -44,7 +44,7 @@ from tasks.forward import (
 from tasks.hooks import Ablation, Addition, capture_residuals, intervene
 from tasks.kernels import Kernel, first_active_layer, kernel_weights
 from tasks.prompts import format_chat, read_rows
-from tasks.score import behaviour_log_odds, kl_divergence
+from tasks.score import behaviour_log_odds, kl_divergence, kl_mask
 
 INTERVENTIONS = ("ablate", "add", "ablate_add")
 
@@ -202,7 +202,8 @@ class TrialScore:
     mean_log_odds: float
     """Mean first-token behaviour log-odds over target prompts."""
     kl: float
-    """Mean first-token KL(unedited || edited) over baseline prompts."""
+    """Mean first-token KL(unedited || edited) over baseline prompts (those without the behaviour
+    unedited, by default: ``TrialEvaluator``'s kl_prompts)."""
     baseline_rate: float
     """The same fraction on baseline prompts (first-token over-triggering)."""
     seconds: float = 0.0
@@ -266,6 +267,7 @@ class TrialEvaluator:
         threshold: float | None = 0.0,
         references: bool = True,
         rate: str = "top1",
+        kl_prompts: str = "without_behaviour",
     ) -> None:
         if not target_prompts or not baseline_prompts:
             raise CompalignError(
@@ -274,7 +276,7 @@ class TrialEvaluator:
         if rate not in ("top1", "threshold"):
             raise CompalignError(f"behaviour rate must be top1 or threshold, got {rate!r}")
         self.model, self.token_ids, self.resume = model, token_ids, resume
-        self.threshold, self.rate = threshold, rate
+        self.threshold, self.rate, self.kl_prompts = threshold, rate, kl_prompts
         self.device = next(model.parameters()).device
         seqs = tokenize(tokenizer, format_chat(tokenizer, target_prompts + baseline_prompts))
         split = split_shared_prefix(seqs)
@@ -334,6 +336,8 @@ class TrialEvaluator:
             rows = ~batch.is_target
             baseline[batch.index[rows]] = torch.log_softmax(logits[rows.to(logits.device)], -1).cpu()
         self.clean_logp = baseline
+        self.kl_rows = kl_mask(baseline, self.token_ids, self.kl_prompts)
+        """(baseline prompts,) bool: those the KL is averaged over."""
         self._clean = self._readout(logits_rows)
         if self.threshold is None:
             self.threshold = float((self._clean.target_lo.mean() + self._clean.baseline_lo.mean()) / 2)
@@ -391,7 +395,7 @@ class TrialEvaluator:
             number=number,
             behaviour_rate=float(target.float().mean()),
             mean_log_odds=float(r.target_lo.mean()),
-            kl=float(r.kls.mean()),
+            kl=float(r.kls[self.kl_rows].mean()),
             baseline_rate=float(baseline.float().mean()),
             seconds=seconds,
         )

@@ -26,7 +26,8 @@ import psutil  # noqa: E402
 import ray  # noqa: E402
 import torch  # noqa: E402
 
-from tasks.config import ModelOptions  # noqa: E402
+from tasks.config import ModelOptions, RayConfig  # noqa: E402
+from tasks.distributed import init_ray  # noqa: E402
 from tasks.finetune_config import DeepSpeedSettings, LoraSettings, SftDataConfig, TrainConfig  # noqa: E402
 from tasks.model import convert_gguf, packaged_gguf_path, prepare_tokenizer  # noqa: E402
 from tasks.sft_data import collate, load_conversations, micro_batches, tokenize_set  # noqa: E402
@@ -88,7 +89,7 @@ def main() -> None:
     data, _ = tokenize_set(tokenizer, convs, MAX_LENGTH, packing=False)
     with tempfile.TemporaryDirectory() as folder:
         make_tiny(args.kind, tokenizer).save_pretrained(folder)
-        ray.init(num_cpus=WORKERS, include_dashboard=False, log_to_driver=False)
+        init_ray(RayConfig(num_cpus=WORKERS, log_to_driver=False))  # as the flows start it
         z_rates, z_mem = zero3(folder, tokenizer, data, args.steps)
         ray.shutdown()
         p_rates, p_mem = plain(folder, data, args.steps, tokenizer.pad_token_id)

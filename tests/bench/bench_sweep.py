@@ -51,7 +51,7 @@ def main() -> None:
     from flows._steps import ConceptData, collect_sums
     from tasks.config import CollectConfig, ModelOptions, PromptSource, RayConfig
     from tasks.directions import difference_of_means
-    from tasks.distributed import RayTrialRunner, WorkerPool
+    from tasks.distributed import RayTrialRunner, WorkerPool, init_ray
     from tasks.logs import quiet_libraries
     from tasks.model import inspect_model
     from tasks.prompts import PromptSplit, load_prompts, resolve_positions
@@ -78,7 +78,7 @@ def main() -> None:
     space = SweepSpace(**OmegaConf.to_container(tpe.sweep))
     dims = dimensions(space, spec.n_layers, concept.positions)
     cache = tempfile.mkdtemp(prefix="bench-sweep-cache-")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+    init_ray(RayConfig(num_cpus=2, log_to_driver=False))  # as the flows start it
     load = os.getloadavg()
 
     def run(workers: int, proposer, started: float) -> dict:

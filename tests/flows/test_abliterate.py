@@ -142,6 +142,17 @@ def test_tiny_model_search_then_given_direction(tiny_dirs, workdir):
     assert torch.allclose(second["found"].direction, found.direction)
     assert second["after"].kl == pytest.approx(first["after"].kl, rel=1e-4)
 
+    # the direction by MLflow run id: the run's logged directions/chosen.safetensors
+    third = run_flow(
+        [
+            *_tiny_overrides(tiny_dirs["mixtral"], workdir),
+            f"direction.file={first['run_id']}",
+            "output.save=false",
+        ]
+    )
+    assert torch.allclose(third["found"].direction, found.direction)
+    assert third["found"].layer == found.layer
+
 
 def test_given_direction_with_sweep_kernels_follows_them(tiny_dirs, workdir):
     """A sweep's best_trial.safetensors (direction, per-layer attention/MLP weights, embedding weight) is

@@ -13,6 +13,7 @@ from tasks.score import (
     behaviour_token_ids,
     build_candidates,
     kl_divergence,
+    kl_mask,
     reference_scores,
 )
 from tests.conftest import make_tiny
@@ -56,3 +57,33 @@ def test_batched_scorer_equals_reference_loop(kind, tokenizer):
         assert a.induce == pytest.approx(b.induce, abs=1e-4)
         assert a.kl == pytest.approx(b.kl, abs=1e-5)
     assert len({round(s.kl, 6) for s in fast}) > 1  # candidates differ
+
+
+def test_kl_skips_baseline_prompts_that_already_show_the_behaviour(tokenizer):
+    """A baseline prompt whose unedited greedy first token is a behaviour token (an over-refused harmless
+    request) does not count for the KL by default; with kl_prompts=all it does. Both the batched scorer
+    and the plain loop agree on either."""
+    model = make_tiny("llama", tokenizer)
+    candidates = difference_of_means(
+        collect_activation_sums(model, tokenizer, TARGET, 4, 4),
+        collect_activation_sums(model, tokenizer, BASELINE, 4, 4),
+    )
+    cands = build_candidates(candidates, [1, 2], [-1], induce_scale=4.0)
+    probe = CandidateScorer(model, tokenizer, TARGET, BASELINE, [0], kl_prompts="all")
+    first = int(probe.clean_logp[0].argmax())  # make the first baseline prompt "show the behaviour"
+    ids = [first]
+    shows = probe.clean_logp.argmax(-1) == first
+    assert shows[0] and not shows.all()
+    assert kl_mask(probe.clean_logp, ids, "without_behaviour").tolist() == (~shows).tolist()
+    assert kl_mask(probe.clean_logp, ids, "all").all()
+
+    kls = {}
+    for mode in ("without_behaviour", "all"):
+        fast = CandidateScorer(model, tokenizer, TARGET, BASELINE, ids, kl_prompts=mode).score(cands)
+        slow = reference_scores(model, tokenizer, TARGET, BASELINE, ids, cands, kl_prompts=mode)
+        assert [a.kl for a in fast] == pytest.approx([b.kl for b in slow], abs=1e-5)
+        kls[mode] = [a.kl for a in fast]
+    assert kls["without_behaviour"] != pytest.approx(kls["all"], abs=1e-6)
+
+    with pytest.raises(Exception, match="kl_prompts must be one of"):
+        kl_mask(probe.clean_logp, ids, "some")

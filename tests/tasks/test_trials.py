@@ -69,7 +69,8 @@ def _reference(model, tok, edit, ids, threshold, clean_b):
         lt = next_token_logprobs(model, tok, TARGET, 4)
         lb = next_token_logprobs(model, tok, BASELINE, 4)
     lo = behaviour_log_odds(lt, ids)
-    kl = float((clean_b.exp() * (clean_b - lb)).sum(-1).mean())
+    answered = ~torch.isin(clean_b.argmax(-1), torch.tensor(ids))  # KL over prompts without the behaviour
+    kl = float((clean_b.exp() * (clean_b - lb)).sum(-1)[answered].mean())
     top1 = float(torch.isin(lt.argmax(-1), torch.tensor(ids)).float().mean())
     return float((lo > threshold).float().mean()), top1, float(lo.mean()), kl
 
