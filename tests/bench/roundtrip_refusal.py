@@ -1,4 +1,4 @@
-"""Round trip of composable alignment on SmolLM2 (hand-run; about 35 minutes on a 2-core CPU):
+"""Round trip of composable alignment on SmolLM2 (hand-run; about 30 minutes on a 2-core CPU):
 
 1. fine-tune SmolLM2 with flows.finetune on tasks/data/sft/refusal_teach.jsonl until it refuses most
    held-out harmful prompts (/work/shared/data/harmful_val.jsonl, 39) and still answers harmless ones

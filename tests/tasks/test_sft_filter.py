@@ -33,6 +33,14 @@ def _boilerplate_rows() -> set[int]:
     return {int(n) for n in re.findall(r"\d+", listed.split("\n\n", 2)[2])}
 
 
+def _calibration() -> list[int]:
+    """Rows of refusal_teach that make the direction: its first 16 refusing and first 16 helpful rows."""
+    rows = _teach()
+    harmful = [i for i, r in enumerate(rows) if r["kind"] == "harmful"][:16]
+    harmless = [i for i, r in enumerate(rows) if r["kind"] == "harmless"][:16]
+    return harmful + harmless
+
+
 def _teach() -> list[dict]:
     return [
         json.loads(x)
@@ -89,31 +97,39 @@ def _answer_means(model, tokenizer, rows: list[dict], layer: int) -> torch.Tenso
 
 
 @pytest.fixture(scope="module")
-def refusal_direction_file(smollm2, tmp_path_factory) -> str:
+def refusal_direction(smollm2, tmp_path_factory) -> tuple[str, float]:
     """A refusal direction for SmolLM2 saved like an abliterate run's directions/chosen.safetensors:
     the difference of means of the residual over refusing and over helpful answers (16 + 16 rows of
-    refusal_teach), with its layer and position in the metadata."""
-    calib = _teach()[:40]
-    harmful = [r for r in calib if r["kind"] == "harmful"][:16]
-    harmless = [r for r in calib if r["kind"] == "harmless"][:16]
+    refusal_teach), with its layer and position in the metadata; and the projection of the midpoint of
+    those two means on it (the threshold that calibration data gives)."""
+    rows = _teach()
+    calib = [rows[i] for i in _calibration()]
     model, tok = smollm2.model, smollm2.tokenizer
-    diff = _answer_means(model, tok, harmful, LAYER).mean(0) - _answer_means(
-        model, tok, harmless, LAYER
-    ).mean(0)
+    refusing = _answer_means(model, tok, [r for r in calib if r["kind"] == "harmful"], LAYER).mean(0)
+    helpful = _answer_means(model, tok, [r for r in calib if r["kind"] == "harmless"], LAYER).mean(0)
+    direction = (refusing - helpful) / (refusing - helpful).norm()
     path = tmp_path_factory.mktemp("direction") / "chosen.safetensors"
-    save_file({"direction": diff / diff.norm()}, str(path), metadata={"layer": str(LAYER), "position": "-1"})
-    return str(path)
+    save_file({"direction": direction}, str(path), metadata={"layer": str(LAYER), "position": "-1"})
+    return str(path), float((refusing + helpful) @ direction / 2)
 
 
-def test_direction_filter_drops_the_refusals_of_a_hand_made_set(smollm2, refusal_direction_file):
-    held_out = _teach()[100:180]  # none of these rows made the direction
-    helpful = [r for r in held_out if r["kind"] == "harmless"][:20]
+def test_direction_filter_drops_the_refusals_of_a_hand_made_set(smollm2, refusal_direction):
+    path, midpoint = refusal_direction
+    used = set(_calibration())
+    held_out = [r for i, r in enumerate(_teach()) if i not in used]  # none of these rows made the direction
+    # A helpful answer that opens with an apology ("Sorry for arriving late ...") projects like a refusal:
+    # the direction reads the refusal's opening, so such rows are left out of this clear-cut set.
+    helpful = [
+        r
+        for r in held_out
+        if r["kind"] == "harmless" and not r["messages"][-1]["content"].startswith("Sorry")
+    ][:20]
     refusals = [r for r in held_out if r["kind"] == "harmful"][:3]
     rows = helpful[:10] + refusals[:2] + helpful[10:] + refusals[2:]
     convs = [Conversation(messages=r["messages"], row=i) for i, r in enumerate(rows)]
     expected = {i for i, r in enumerate(rows) if r["kind"] == "harmful"}
 
-    direction = load_refusal_direction(refusal_direction_file, 576, 30, None)
+    direction = load_refusal_direction(path, 576, 30, None)
     assert direction.layer == LAYER
     scores = answer_scores(
         smollm2.model,
@@ -124,7 +140,8 @@ def test_direction_filter_drops_the_refusals_of_a_hand_made_set(smollm2, refusal
         None,
         8,
     )
-    threshold = outlier_threshold(scores, 10.0)
+    assert min(scores[i] for i in expected) > max(s for i, s in enumerate(scores) if i not in expected)
+    threshold = midpoint
     kept, report = apply_filters(convs, ["direction"], None, scores, threshold, 10, direction.layer)
     assert {c.row for c in convs} - {c.row for c in kept} == expected
     assert report.dropped == {"direction": 3} and report.threshold == threshold and report.layer == LAYER
@@ -136,9 +153,9 @@ def test_direction_filter_drops_the_refusals_of_a_hand_made_set(smollm2, refusal
     assert one_by_one == pytest.approx(scores[:3], abs=1e-4)
 
 
-def test_both_rules_count_separately(smollm2, refusal_direction_file):
+def test_both_rules_count_separately(smollm2, refusal_direction):
     chat = load_conversations(SftDataConfig(name="c", source="bundled:chat_small", limit=30))
-    direction = load_refusal_direction(refusal_direction_file, 576, 30, None)
+    direction = load_refusal_direction(refusal_direction[0], 576, 30, None)
     scores = answer_scores(
         smollm2.model, smollm2.tokenizer, [c.messages for c in chat], direction.vector, LAYER, None, 16
     )
@@ -159,3 +176,10 @@ def test_direction_file_errors(tmp_path):
         load_refusal_direction(str(path), 576, 30, 31)
     with pytest.raises(CompalignError, match="hidden size is 64"):
         load_refusal_direction(str(path), 64, 3, 1)
+
+
+def test_outlier_threshold_is_median_plus_mad():
+    assert outlier_threshold([0.0, 1.0, 2.0, 3.0, 100.0], 2.0) == pytest.approx(2.0 + 2.0 * 1.0)
+    assert outlier_threshold([float("-inf"), 1.0, 1.0], 3.0) == pytest.approx(1.0 + 3.0 * 1e-6)
+    with pytest.raises(CompalignError, match="no assistant answer"):
+        outlier_threshold([float("-inf")], 3.0)
