@@ -12,12 +12,13 @@ On a Ray cluster (see cluster/README.md):
         ray.address=auto collect.workers=16 collect.gpus_per_worker=1 \
         output.uri=s3://bucket/models/x mlflow.tracking_uri=http://mlflow:5000
 
-Steps: load -> prompts -> collect (Ray) -> candidates -> score (Ray) -> select -> evaluate before ->
+Steps: load -> prompts -> collect (Ray) -> candidates -> score (Ray) -> select -> [refine] -> evaluate before ->
 orthogonalize -> evaluate after -> save -> summary. Every step is tracked in one MLflow run.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import tempfile
 from dataclasses import dataclass, field
@@ -55,6 +56,7 @@ from tasks.config import (
     ModelOptions,
     OutputConfig,
     RayConfig,
+    RefineConfig,
     ScoreConfig,
     SelectConfig,
     StorageConfig,
@@ -64,6 +66,7 @@ from tasks.distributed import WorkerPool
 from tasks.errors import CompalignError
 from tasks.model import inspect_model, resolve_device, resolve_dtype
 from tasks.plots import score_heatmaps
+from tasks.progress import Progress
 from tasks.select import choose, rank_candidates
 
 log = logging.getLogger("compalign.abliterate")
@@ -80,6 +83,7 @@ class AbliterateConfig:
     direction: DirectionConfig = field(default_factory=DirectionConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
     select: SelectConfig = field(default_factory=SelectConfig)
+    refine: RefineConfig = field(default_factory=RefineConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
@@ -113,6 +117,8 @@ def abliterate(cfg: AbliterateConfig, raw: DictConfig) -> dict:
         try:
             # 2-5. Collect activations, form candidates, score them, select one (or take the given one).
             found = find_direction(cfg, pool, spec, concept) if given is None else given
+            if cfg.refine.steps:
+                found = refine(cfg, pool, concept, found)
             mlflow.log_params({"chosen.layer": found.layer, "chosen.position": found.position})
             tracking.log_tensors(found.tensors(), "chosen.safetensors", found.metadata())
 
@@ -162,6 +168,8 @@ class Found:
     source: str = "search"
     weights: LayerWeights | None = None
     """Per-layer weights of the removal (a sweep's kernels); None removes it fully everywhere."""
+    refined_steps: int = 0
+    """Gradient steps the direction was refined by after it was found (0: as found)."""
 
     @staticmethod
     def from_file(
@@ -188,6 +196,8 @@ class Found:
 
     def metadata(self) -> dict[str, str]:
         meta = {"layer": str(self.layer), "position": str(self.position), "source": self.source}
+        if self.refined_steps:
+            meta["refined_steps"] = str(self.refined_steps)
         if self.weights is not None:
             meta["embed_weight"] = str(self.weights.embed)
         return meta
@@ -222,6 +232,37 @@ def find_direction(cfg: AbliterateConfig, pool: WorkerPool, spec, concept) -> Fo
     return Found(candidates.get(layer, position), layer, position, candidates.n_positions, table)
 
 
+def refine(cfg: AbliterateConfig, pool: WorkerPool, concept, found: Found) -> Found:
+    """5b. Refine the direction by gradient on the train prompts (tasks/refine.py), under the same
+    per-layer weights its removal will use; the unrefined direction is kept in MLflow beside it."""
+    tracking.log_tensors(found.tensors(), "unrefined.safetensors", found.metadata())
+    args = (concept.target.train, concept.baseline.train, concept.token_ids, cfg.refine, cfg.score.kl_prompts)
+    ray.get(pool.submit(0, "prepare_refine", found.direction, *args, found.weights))
+    done, chunk = 0, max(1, cfg.refine.steps // 20)
+    with Progress("refine direction", cfg.refine.steps, "steps") as bar:
+        while done < cfg.refine.steps:
+            step = min(chunk, cfg.refine.steps - done)
+            refined = ray.get(pool.submit(0, "refine_steps", step))
+            done += step
+            bar.update(step)
+    for index, row in enumerate(refined.history):
+        mlflow.log_metrics({f"refine.{k}": v for k, v in row.items()}, step=index)
+    first, last = refined.history[0], refined.history[-1]
+    mlflow.log_metric("refine.cosine", refined.cosine)
+    log.info(
+        "refine: loss %.4f -> %.4f (behaviour %.4f -> %.4f, KL %.4f -> %.4f on the train mini-batches), "
+        "cosine to the start %.3f",
+        first["loss"],
+        last["loss"],
+        first["bypass"],
+        last["bypass"],
+        first["kl"],
+        last["kl"],
+        refined.cosine,
+    )
+    return dataclasses.replace(found, direction=refined.direction, refined_steps=cfg.refine.steps)
+
+
 def choose_and_plot(table, select: SelectConfig) -> tuple[int, int]:
     """Log the heatmap (with the chosen candidate marked when there is one), then choose."""
     try:
@@ -244,7 +285,7 @@ def _card(cfg: AbliterateConfig, found: Found, run_id: str) -> str:
         if found.source == "search"
         else f"the direction from {cfg.direction.file}"
         + (" (with its per-layer kernel weights)" if found.weights is not None else "")
-    )
+    ) + (f", refined by {found.refined_steps} gradient steps," if found.refined_steps else "")
     return model_card(
         cfg.model,
         {"concept": cfg.data.name, "layer": found.layer, "position": found.position, "mlflow_run": run_id},

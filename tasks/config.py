@@ -240,6 +240,35 @@ class DirectionConfig:
 
 
 @dataclass
+class RefineConfig:
+    """Gradient refinement of the chosen (or given) direction before it is removed (tasks/refine.py):
+    its ablation should take the behaviour away on the target prompts while moving the baseline prompts'
+    next-token distribution as little as possible. Runs on the train split, so validation and test stay
+    unseen. Worth it when no difference of means meets the KL limit (a fine-tuned behaviour)."""
+
+    steps: int = 0
+    """Adam steps on the direction (0: off, the difference of means is removed as found)."""
+    lr: float = 0.02
+    """Adam learning rate on the (renormalised) direction."""
+    kl_weight: float = 10.0
+    """Weight of the baseline KL against the behaviour term; higher keeps the model closer to unedited."""
+    batch_size: int = 32
+    """Prompts of each set per step (drawn with a seeded generator)."""
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _require(self.steps >= 0, f"refine.steps must be >= 0, got {self.steps}")
+        _require(
+            math.isfinite(self.lr) and self.lr > 0, f"refine.lr must be a positive number, got {self.lr}"
+        )
+        _require(
+            math.isfinite(self.kl_weight) and self.kl_weight >= 0,
+            f"refine.kl_weight must be a number >= 0, got {self.kl_weight}",
+        )
+        _require(self.batch_size > 0, f"refine.batch_size must be > 0, got {self.batch_size}")
+
+
+@dataclass
 class ScoreConfig:
     """Scoring of candidate directions on the validation prompts."""
 

@@ -20,13 +20,14 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from tasks.checkpoint import save_checkpoint
 from tasks.collect import ActivationSums, collect_activation_sums
-from tasks.config import CollectConfig, EvalConfig, JudgeConfig, ModelOptions, RayConfig
+from tasks.config import CollectConfig, EvalConfig, JudgeConfig, ModelOptions, RayConfig, RefineConfig
 from tasks.directions import LayerWeights
 from tasks.errors import CompalignError
 from tasks.evaluate import EvalResult, evaluate
 from tasks.judges import make_judge
 from tasks.orthogonalize import orthogonalize_weights
 from tasks.progress import Progress
+from tasks.refine import DirectionRefiner, Refined
 from tasks.score import Candidate, CandidateScore, CandidateScorer
 from tasks.trials import Confirmation, Trial, TrialEvaluator, TrialScore, build_edit, confirm
 
@@ -113,6 +114,7 @@ class ModelWorker:
         self.loaded = load_model(model, options)
         self.scorer: CandidateScorer | None = None
         self.trials: TrialEvaluator | None = None
+        self.refiner: DirectionRefiner | None = None
         self.candidates = None
         self.collected = 0
 
@@ -172,6 +174,33 @@ class ModelWorker:
             eval_cfg.perplexity_tokens,
             reference,
         )
+
+    def prepare_refine(
+        self,
+        direction: torch.Tensor,
+        target: list[str],
+        baseline: list[str],
+        token_ids: list[int],
+        cfg: RefineConfig,
+        kl_prompts: str,
+        weights: LayerWeights | None = None,
+    ) -> None:
+        self.refiner = DirectionRefiner(
+            self.loaded.model,
+            self.loaded.tokenizer,
+            direction.to(self.loaded.device),
+            target,
+            baseline,
+            token_ids,
+            cfg,
+            weights,
+            kl_prompts,
+        )
+
+    def refine_steps(self, steps: int) -> Refined:
+        """Run ``steps`` more refinement steps; the state so far (the driver reports progress between calls)."""
+        self.refiner.run(steps)
+        return self.refiner.result()
 
     def orthogonalize(self, direction: torch.Tensor, weights: LayerWeights | None = None) -> int:
         r = direction.to(self.loaded.device)

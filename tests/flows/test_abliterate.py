@@ -192,6 +192,34 @@ def test_given_direction_with_sweep_kernels_follows_them(tiny_dirs, workdir):
         run_flow([*_tiny_overrides(model_dir, workdir), f"direction.file={lopsided}"])
 
 
+def test_refined_direction_is_removed_and_tracked(tiny_dirs, workdir):
+    """refine.steps > 0: the chosen direction is refined before removal; the run keeps the unrefined one,
+    the per-step loss, and the checkpoint equals the hook ablation of the refined direction."""
+    from safetensors.torch import load_file
+
+    model_dir = tiny_dirs["llama"]
+    result = run_flow([*_tiny_overrides(model_dir, workdir), "refine.steps=4", "refine.batch_size=4"])
+    found = result["found"]
+    assert found.refined_steps == 4 and found.source == "search"
+    client = MlflowClient(f"sqlite:///{workdir}/mlflow.db")
+    history = client.get_metric_history(result["run_id"], "refine.loss")
+    assert [m.step for m in history] == [0, 1, 2, 3]
+    unrefined = load_file(client.download_artifacts(result["run_id"], "directions/unrefined.safetensors"))
+    cosine = float(unrefined["direction"] @ found.direction)
+    assert cosine < 0.99999
+    assert client.get_run(result["run_id"]).data.metrics["refine.cosine"] == pytest.approx(cosine, abs=1e-5)
+    saved = load_file(Path(result["checkpoint"]) / "direction.safetensors")
+    assert torch.equal(saved["direction"], found.direction)
+
+    unedited = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    ids = torch.randint(0, unedited.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        with intervene(unedited, ablation=Ablation(direction=found.direction)):
+            hooked = unedited(ids).logits
+        edited = AutoModelForCausalLM.from_pretrained(result["checkpoint"])(ids).logits
+    assert (edited - hooked).abs().max() < 1e-4
+
+
 def _bad(overrides: list[str], message: str, capsys_or_caplog, workdir: Path) -> None:
     with pytest.raises(SystemExit) as exit_info:
         run_flow([f"mlflow.tracking_uri=sqlite:///{workdir}/mlflow.db", *overrides])
@@ -210,6 +238,7 @@ def _bad(overrides: list[str], message: str, capsys_or_caplog, workdir: Path) ->
         (["collect.positions=7"], "collect.positions=7 but the chat template has only 6 tokens"),
         (["collect.batch_size=0"], "collect.batch_size must be > 0, got 0"),
         (["score.induce_scale=nan"], "score.induce_scale must be a finite number"),
+        (["refine.steps=2", "refine.lr=0"], "refine.lr must be a positive number, got 0"),
     ],
 )
 def test_bad_input_is_one_clear_error(overrides, message, caplog, workdir):
