@@ -7,7 +7,7 @@
    plain    the flow's own search, the chosen difference of means removed fully from every layer;
    refined  projected directions, selection with a KL limit of 0.5, then the chosen direction refined by
             60 gradient steps (refine.steps: behaviour gone on the harmful train prompts, first-token KL
-            small on the harmless ones, kl_weight 15) and removed fully from every layer;
+            small on the harmless ones) and removed fully from every layer;
    sweep    flows.sweep (150 seeded TPE trials over source layer and per-layer attention/MLP ablation
             kernels of the projected directions), then flows.abliterate direction.file=<sweep run id>;
    every search uses harmful_train.jsonl and the first 260 of harmless_train.jsonl, which each flow
@@ -66,7 +66,6 @@ REFINED_DEFAULTS = [
     "direction.projected=true",
     "select.kl_limit=0.5",  # refinement lowers the KL of the direction it starts from
     "refine.steps=60",
-    "refine.kl_weight=15",
     # The refinement runs on one worker: give it both cores.
     "collect.workers=1",
     "collect.cpus_per_worker=2",
