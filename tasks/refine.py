@@ -27,7 +27,7 @@ from tasks.config import RefineConfig
 from tasks.directions import LayerWeights, check_direction
 from tasks.errors import CompalignError
 from tasks.evaluate import next_token_logprobs
-from tasks.forward import left_pad, pad_id, positions_from_mask, tokenize
+from tasks.forward import last_logits, left_pad, pad_id, tokenize
 from tasks.hooks import Ablation, intervene
 from tasks.model import hidden_size
 from tasks.prompts import format_chat
@@ -48,18 +48,10 @@ class Refined:
     """Per step: loss, bypass (mean softplus log-odds on the target mini-batch), kl (baseline mini-batch)."""
 
 
-def _encode(
-    model: nn.Module, tokenizer, prompts: list[str]
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    device = next(model.parameters()).device
-    ids, mask = left_pad(tokenize(tokenizer, format_chat(tokenizer, prompts)), pad_id(tokenizer), device)
-    return ids, mask, positions_from_mask(mask)
-
-
-def _last_logits(model: nn.Module, tokenizer, prompts: list[str]) -> torch.Tensor:
-    ids, mask, positions = _encode(model, tokenizer, prompts)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=1)
-    return out.logits[:, -1].float()
+def _logits(model: nn.Module, sequences: list[list[int]], pad: int) -> torch.Tensor:
+    """Next-token logits (batch, vocab) of already tokenized prompts, with gradients when enabled."""
+    ids, mask = left_pad(sequences, pad, next(model.parameters()).device)
+    return last_logits(model, ids, mask)
 
 
 class DirectionRefiner:
@@ -80,15 +72,18 @@ class DirectionRefiner:
     ) -> None:
         if not target or not baseline:
             raise CompalignError("refining a direction needs target and baseline prompts")
-        self.model, self.tokenizer, self.token_ids = model, tokenizer, token_ids
+        self.model, self.token_ids = model, token_ids
         self.kl_weight, self.batch_size, self.weights = cfg.kl_weight, cfg.batch_size, weights
         self.start = check_direction(direction.detach().cpu(), hidden_size(model))
         device = next(model.parameters()).device
         # The unedited model's first-token distribution on the baseline prompts the KL counts, once.
         clean = next_token_logprobs(model, tokenizer, baseline, cfg.batch_size).to(device)
         counted = kl_mask(clean, token_ids, kl_prompts)
-        self.target = target
-        self.baseline = [p for p, keep in zip(baseline, counted.tolist(), strict=True) if keep]
+        # Tokenized once: each step only pads its mini-batch.
+        self.target = tokenize(tokenizer, format_chat(tokenizer, target))
+        kept = [p for p, keep in zip(baseline, counted.tolist(), strict=True) if keep]
+        self.baseline = tokenize(tokenizer, format_chat(tokenizer, kept))
+        self.pad = pad_id(tokenizer)
         self.clean = clean[counted.to(device)]
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.v = self.start.clone().to(device).requires_grad_(True)
@@ -113,8 +108,8 @@ class DirectionRefiner:
         b_rows = torch.randperm(len(self.baseline), generator=self.generator)[: self.batch_size].tolist()
         r = self.v / self.v.norm()
         with intervene(self.model, ablation=_ablation(r, self.weights)):
-            target_logits = _last_logits(self.model, self.tokenizer, [self.target[i] for i in t_rows])
-            baseline_logits = _last_logits(self.model, self.tokenizer, [self.baseline[i] for i in b_rows])
+            target_logits = _logits(self.model, [self.target[i] for i in t_rows], self.pad)
+            baseline_logits = _logits(self.model, [self.baseline[i] for i in b_rows], self.pad)
         bypass = F.softplus(behaviour_log_odds(target_logits, self.token_ids)).mean()
         reference = self.clean[b_rows]
         kl = (reference.exp() * (reference - torch.log_softmax(baseline_logits, -1))).sum(-1).mean()
