@@ -1,4 +1,4 @@
-"""Round trip of composable alignment on SmolLM2 (hand-run; about 35 minutes on a 2-core CPU):
+"""Round trip of composable alignment on SmolLM2 (hand-run; about 75 minutes on a 2-core CPU):
 
 1. fine-tune SmolLM2 with flows.finetune on tasks/data/sft/refusal_teach.jsonl until it refuses most
    held-out harmful prompts (/work/shared/data/harmful_val.jsonl, 39) and still answers harmless ones
@@ -7,7 +7,7 @@
    plain    the flow's own search, the chosen difference of means removed fully from every layer;
    refined  projected directions, selection with a KL limit of 0.5, then the chosen direction refined by
             60 gradient steps (refine.steps: behaviour gone on the harmful train prompts, first-token KL
-            small on the harmless ones) and removed fully from every layer;
+            small on the harmless ones, weighted 12) and removed fully from every layer;
    sweep    flows.sweep (150 seeded TPE trials over source layer and per-layer attention/MLP ablation
             kernels of the projected directions), then flows.abliterate direction.file=<sweep run id>;
    every search uses harmful_train.jsonl and the first 260 of harmless_train.jsonl, which each flow
@@ -66,6 +66,7 @@ REFINED_DEFAULTS = [
     "direction.projected=true",
     "select.kl_limit=0.5",  # refinement lowers the KL of the direction it starts from
     "refine.steps=60",
+    "refine.kl_weight=12",  # 10 left the held-out KL at 0.1003 with 2/39 refused; 12: 0.094, 3/39
     # The refinement runs on one worker: give it both cores.
     "collect.workers=1",
     "collect.cpus_per_worker=2",
