@@ -31,7 +31,7 @@ from tasks.forward import last_logits, left_pad, pad_id, tokenize
 from tasks.hooks import Ablation, intervene
 from tasks.model import hidden_size
 from tasks.prompts import format_chat
-from tasks.score import behaviour_log_odds, kl_mask
+from tasks.score import behaviour_log_odds, kl_divergence, kl_mask
 
 log = logging.getLogger(__name__)
 
@@ -111,8 +111,7 @@ class DirectionRefiner:
             target_logits = _logits(self.model, [self.target[i] for i in t_rows], self.pad)
             baseline_logits = _logits(self.model, [self.baseline[i] for i in b_rows], self.pad)
         bypass = F.softplus(behaviour_log_odds(target_logits, self.token_ids)).mean()
-        reference = self.clean[b_rows]
-        kl = (reference.exp() * (reference - torch.log_softmax(baseline_logits, -1))).sum(-1).mean()
+        kl = kl_divergence(self.clean[b_rows], baseline_logits).mean()
         loss = bypass + self.kl_weight * kl
         if loss.requires_grad:  # not when every removal weight is 0: r then changes nothing
             self.optimizer.zero_grad()

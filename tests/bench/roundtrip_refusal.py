@@ -134,7 +134,7 @@ def main() -> None:
     parser.add_argument("--workdir", default="roundtrip")
     parser.add_argument("--tuned", help="skip fine-tuning: this checkpoint")
     parser.add_argument("--sft", default="", help="extra overrides for flows.finetune")
-    parser.add_argument("--abliterate", default="", help="extra overrides for both flows.abliterate runs")
+    parser.add_argument("--abliterate", default="", help="extra overrides for every flows.abliterate run")
     parser.add_argument("--sweep", default="", help="extra overrides for flows.sweep")
     parser.add_argument(
         "--stages", default="plain,refined", help=f"comma-separated abliteration stages: {', '.join(STAGES)}"
