@@ -206,3 +206,32 @@ def summary_lines(concept_name: str, model: str, result: dict) -> list[str]:
         f"  checkpoint       {result['checkpoint'] or 'not saved (output.save=false)'}",
         f"  MLflow run       {result['run_id']}",
     ]
+
+
+# Answers long enough for a refusal or a language to show, short enough to cost seconds.
+BEHAVIOUR_CHECK_TOKENS = 32
+
+
+def require_behaviour(
+    pool: WorkerPool, model: str, concept: ConceptData, judge, min_share: float, batch_size: int
+) -> tuple[int, int]:
+    """How many validation target prompts the unedited model answers with the behaviour (flagged, total);
+    raises CompalignError when that share is below ``min_share``: there is then nothing to remove."""
+    prompts = concept.target.val
+    flags = pool.judge_behaviour(judge, prompts, BEHAVIOUR_CHECK_TOKENS, batch_size, "behaviour check")
+    flagged, total = sum(flags), len(flags)
+    log.info(
+        "behaviour check: %s shows %r on %d of %d validation target prompts",
+        model,
+        judge.kind,
+        flagged,
+        total,
+    )
+    if total and flagged < min_share * total:
+        what = "refuses" if judge.kind == "refusal" else f"shows the {judge.kind} behaviour on"
+        hint = " (try model=packaged:smollm2-refusal)" if judge.kind == "refusal" else ""
+        raise CompalignError(
+            f"{model} {what} {flagged} of {total} target prompts: nothing to remove{hint} "
+            f"(select.min_behaviour={min_share:g})"
+        )
+    return flagged, total

@@ -40,13 +40,13 @@ from flows._steps import (
     evaluate_and_edit,
     load_concept,
     log_eval,
+    require_behaviour,
     score_candidates_on_pool,
     summary_lines,
 )
 from tasks import storage
 from tasks.checkpoint import model_card
 from tasks.config import (
-    PACKAGED_MODEL,
     CacheConfig,
     CollectConfig,
     ConceptConfig,
@@ -60,6 +60,7 @@ from tasks.config import (
     ScoreConfig,
     SelectConfig,
     StorageConfig,
+    concept_model,
 )
 from tasks.directions import LayerWeights, difference_of_means, load_direction, load_layer_weights
 from tasks.distributed import WorkerPool
@@ -74,8 +75,9 @@ log = logging.getLogger("compalign.abliterate")
 
 @dataclass
 class AbliterateConfig:
-    model: str = PACKAGED_MODEL
-    """packaged:smollm2, a hub id, a directory with a safetensors checkpoint, or a .gguf file."""
+    model: str | None = None
+    """packaged:smollm2[-refusal], a hub id, a directory with a safetensors checkpoint, or a .gguf file;
+    null: the concept's own default (``data.model``), else packaged:smollm2."""
     model_options: ModelOptions = field(default_factory=ModelOptions)
     data: ConceptConfig = MISSING
     """The concept (config group conf/data: refusal, french)."""
@@ -90,6 +92,9 @@ class AbliterateConfig:
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
+
+    def __post_init__(self) -> None:
+        self.model = concept_model(self.model, self.data)
 
 
 ConfigStore.instance().store(name="abliterate_schema", node=AbliterateConfig)
@@ -204,6 +209,13 @@ class Found:
 
 
 def find_direction(cfg: AbliterateConfig, pool: WorkerPool, spec, concept) -> Found:
+    # 2a. Does the unedited model show the behaviour at all? If not, stop here: nothing to remove.
+    if cfg.select.min_behaviour > 0:
+        flagged, total = require_behaviour(
+            pool, cfg.model, concept, cfg.data.judge, cfg.select.min_behaviour, cfg.eval.batch_size
+        )
+        mlflow.log_metric("val.unedited_behaviour_rate", flagged / total)
+
     # 2. Collect residual activation sums on the train split (sharded on Ray; cached by content).
     dtype = str(resolve_dtype(cfg.model_options, resolve_device(cfg.model_options))).removeprefix("torch.")
     target_sums, baseline_sums, cached = collect_sums(pool, spec, concept, cfg.collect, cfg.cache.uri, dtype)

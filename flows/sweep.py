@@ -40,7 +40,6 @@ from flows._steps import collect_sums, load_concept
 from tasks import storage
 from tasks.checkpoint import model_card
 from tasks.config import (
-    PACKAGED_MODEL,
     CacheConfig,
     CollectConfig,
     ConceptConfig,
@@ -51,6 +50,7 @@ from tasks.config import (
     OutputConfig,
     RayConfig,
     StorageConfig,
+    concept_model,
 )
 from tasks.directions import difference_of_means
 from tasks.distributed import RayTrialRunner, WorkerPool
@@ -106,8 +106,9 @@ class ConfirmConfig:
 
 @dataclass
 class SweepConfig:
-    model: str = PACKAGED_MODEL
-    """packaged:smollm2, a hub id, a directory with a safetensors checkpoint, or a .gguf file."""
+    model: str | None = None
+    """packaged:smollm2[-refusal], a hub id, a directory with a safetensors checkpoint, or a .gguf file;
+    null: the concept's own default (``data.model``), else packaged:smollm2."""
     model_options: ModelOptions = field(default_factory=ModelOptions)
     data: ConceptConfig = MISSING
     """The concept (config group conf/data: refusal, french)."""
@@ -129,6 +130,9 @@ class SweepConfig:
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
+
+    def __post_init__(self) -> None:
+        self.model = concept_model(self.model, self.data)
 
 
 ConfigStore.instance().store(name="sweep_schema", node=SweepConfig)

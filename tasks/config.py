@@ -15,6 +15,13 @@ from omegaconf import MISSING
 from tasks.errors import ConfigError
 
 PACKAGED_MODEL = "packaged:smollm2"
+PACKAGED_REFUSAL_MODEL = "packaged:smollm2-refusal"
+"""The packaged SmolLM2 with the shipped LoRA adapter that teaches it to refuse (tasks/data/fixtures)."""
+
+
+def concept_model(model: str | None, concept: ConceptConfig) -> str:
+    """The model a flow runs on: the top-level ``model`` when set, else the concept's, else the packaged one."""
+    return model or concept.model or PACKAGED_MODEL
 
 
 def _require(ok: bool, message: str) -> None:
@@ -136,6 +143,9 @@ class ConceptConfig:
     log-odds of their summed probability."""
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
+    model: str | None = None
+    """The model a flow uses for this concept when its top-level ``model`` is null (refusal: the packaged
+    model taught to refuse, since the plain one barely refuses); null: packaged:smollm2."""
 
     def __post_init__(self) -> None:
         _require(
@@ -332,9 +342,15 @@ class SelectConfig:
     """Force this source layer (still ranked over positions); null searches all layers."""
     position: int | None = None
     """Force this position (negative index from the end, e.g. -1); null searches all positions."""
+    min_behaviour: float = 0.2
+    """Stop before collecting when the unedited model shows the behaviour on fewer than this share of the
+    validation target prompts (judged on 32 generated tokens): there is nothing to remove. 0 skips it."""
 
     def __post_init__(self) -> None:
         _check_fraction("select.layer_cutoff", self.layer_cutoff)
+        _require(
+            0 <= self.min_behaviour <= 1, f"select.min_behaviour must be in [0, 1], got {self.min_behaviour}"
+        )
         _require(
             not math.isnan(self.kl_limit) and self.kl_limit > 0,
             f"select.kl_limit must be > 0, got {self.kl_limit}",

@@ -23,7 +23,7 @@ from tasks.collect import ActivationSums, collect_activation_sums
 from tasks.config import CollectConfig, EvalConfig, JudgeConfig, ModelOptions, RayConfig, RefineConfig
 from tasks.directions import LayerWeights
 from tasks.errors import CompalignError
-from tasks.evaluate import EvalResult, evaluate
+from tasks.evaluate import EvalResult, evaluate, generate
 from tasks.judges import make_judge
 from tasks.orthogonalize import orthogonalize_weights
 from tasks.progress import Progress
@@ -174,6 +174,13 @@ class ModelWorker:
             eval_cfg.perplexity_tokens,
             reference,
         )
+
+    def judge_behaviour(
+        self, judge_cfg: JudgeConfig, prompts: list[str], max_new_tokens: int, batch_size: int
+    ) -> list[bool]:
+        """Greedy answers to ``prompts``, judged: True where an answer shows the behaviour."""
+        answers = generate(self.loaded.model, self.loaded.tokenizer, prompts, max_new_tokens, batch_size)
+        return make_judge(judge_cfg).judge(prompts, answers)
 
     def prepare_refine(
         self,
@@ -470,6 +477,18 @@ class WorkerPool:
         calls = [(i % self.size, "score_answers", (shard, *args)) for i, shard in enumerate(shards)]
         parts = self._run("direction filter", calls, [len(s) for s in shards], "rows")
         return [score for part in parts for score in part]
+
+    def judge_behaviour(
+        self, judge_cfg: JudgeConfig, prompts: list[str], max_new_tokens: int, batch_size: int, stage: str
+    ) -> list[bool]:
+        """Generate and judge answers to ``prompts``, sharded over the workers; flags in prompt order."""
+        shards = [s for s in _split(prompts, self.size) if s]
+        calls = [
+            (i, "judge_behaviour", (judge_cfg, shard, max_new_tokens, batch_size))
+            for i, shard in enumerate(shards)
+        ]
+        parts = self._run(stage, calls, [len(s) for s in shards], "prompts")
+        return [flag for part in parts for flag in part]
 
     def submit(self, worker: int, method: str, *args):
         """Start ``method`` on one worker; returns a Ray future (``ray.get`` it)."""

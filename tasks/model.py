@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tasks.config import PACKAGED_MODEL, ModelOptions
+from tasks.config import PACKAGED_MODEL, PACKAGED_REFUSAL_MODEL, ModelOptions
 from tasks.errors import CompalignError
 
 log = logging.getLogger(__name__)
@@ -155,11 +155,48 @@ def convert_gguf(gguf: Path, opts: ModelOptions) -> Path:
     return target
 
 
+def packaged_adapter_dir() -> Path:
+    """The LoRA adapter (PEFT format) shipped in this package that teaches the packaged SmolLM2 to refuse."""
+    return Path(__file__).parent / "data" / "fixtures" / "smollm2-refusal"
+
+
+def merge_adapter(base: Path, adapter: Path, opts: ModelOptions) -> Path:
+    """Merge a PEFT LoRA adapter into a safetensors checkpoint once, under a content address (base
+    directory name + adapter hash); returns the merged directory."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    weights = adapter / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise CompalignError(f"{adapter} holds no adapter_model.safetensors; reinstall compalign")
+    target = _convert_cache_root(opts) / f"{base.name}+lora-{file_sha256(weights)[:16]}"
+    if (target / "config.json").exists():
+        return target
+    log.info("merging the LoRA adapter %s into %s once; cached at %s", adapter.name, base.name, target)
+    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+    merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        merged.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(str(base)).save_pretrained(tmp)
+        tmp.rename(target)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (target / "config.json").exists():  # another process may have won the rename
+            raise
+    return target
+
+
 def _locate(name: str, opts: ModelOptions) -> tuple[str, str]:
     """(path or hub id to load, identity) for a model name."""
-    if name == PACKAGED_MODEL:
+    if name in (PACKAGED_MODEL, PACKAGED_REFUSAL_MODEL):
         gguf = packaged_gguf_path()
-        return str(convert_gguf(gguf, opts)), "gguf-sha256:" + file_sha256(gguf)
+        path, identity = convert_gguf(gguf, opts), "gguf-sha256:" + file_sha256(gguf)
+        if name == PACKAGED_REFUSAL_MODEL:
+            adapter = packaged_adapter_dir()
+            path = merge_adapter(path, adapter, opts)
+            identity += "+lora-sha256:" + file_sha256(adapter / "adapter_model.safetensors")
+        return str(path), identity
     path = Path(name).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
@@ -238,7 +275,7 @@ def inspect_model(name: str, opts: ModelOptions) -> ModelSpec:
 
 
 def load_model(name: str, opts: ModelOptions) -> LoadedModel:
-    """Load ``name`` (packaged:smollm2, hub id, safetensors directory or .gguf file) for inference."""
+    """Load ``name`` (packaged:smollm2[-refusal], hub id, safetensors directory or .gguf file) for inference."""
     from transformers import AutoModelForCausalLM
 
     spec = inspect_model(name, opts)

@@ -116,6 +116,7 @@ def _tiny_overrides(model_dir: Path, work: Path) -> list[str]:
         "score.finalists=3",
         "select.kl_limit=1e9",
         "select.induce_min_gain=-1e9",
+        "select.min_behaviour=0",
         "eval.max_new_tokens=3",
         "eval.perplexity_tokens=64",
         f"mlflow.tracking_uri=sqlite:///{work}/mlflow.db",
@@ -286,3 +287,19 @@ def test_entry_point_exits_nonzero_with_one_message(tmp_path, tiny_dirs):
         output = proc.stdout + proc.stderr
         assert message in output and "Traceback" not in output
         assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "m.db").exists()
+
+
+def test_model_without_the_behaviour_stops_before_collecting(caplog, workdir):
+    """The plain packaged model barely refuses: one line, exit 2, the MLflow run FAILED, nothing saved."""
+    _bad(
+        ["model=packaged:smollm2", "data=refusal", f"cache.uri={workdir}/cache"],
+        "nothing to remove (try model=packaged:smollm2-refusal)",
+        caplog,
+        workdir,
+    )
+    assert "packaged:smollm2 refuses" in caplog.text
+    mlflow.set_tracking_uri(f"sqlite:///{workdir}/mlflow.db")
+    (run,) = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    assert run.info.status == "FAILED"
+    assert run.data.metrics.get("val.unedited_behaviour_rate") is None  # stopped before any later step
+    assert not (workdir / "cache").exists()  # nothing collected

@@ -37,6 +37,7 @@ def multirun(tmp_path_factory, tiny_dirs, ray_local):
         "score.screen_prompts=null",
         "select.kl_limit=1e9",
         "select.induce_min_gain=-1e9",
+        "select.min_behaviour=0",
         "eval.max_new_tokens=3",
         "eval.perplexity_tokens=64",
         "output.save=false",

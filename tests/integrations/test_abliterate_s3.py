@@ -31,6 +31,7 @@ def _overrides(model_dir, s3, server, cache_uri: str, output_uri: str) -> list[s
         "score.screen_prompts=null",
         "select.kl_limit=1e9",
         "select.induce_min_gain=-1e9",
+        "select.min_behaviour=0",
         "eval.max_new_tokens=4",
         "eval.perplexity_tokens=64",
         f"cache.uri={cache_uri}",
