@@ -7,7 +7,7 @@ import sys
 from collections.abc import Callable
 from typing import TypeVar
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from tasks.errors import CompalignError
@@ -35,6 +35,9 @@ def run_entry(raw: DictConfig, schema: type[T], body: Callable[[T, DictConfig], 
     quiet_libraries()
     try:
         cfg = to_config(raw, schema)
+        if "model" in raw and raw.model != getattr(cfg, "model", raw.model):
+            with open_dict(raw):  # record the model a null resolved to (data.model), in MLflow and replays
+                raw.model = cfg.model
         return body(cfg, raw)
     except CompalignError as exc:
         log.error("%s", exc)
