@@ -126,6 +126,20 @@ def _convert_cache_root(opts: ModelOptions) -> Path:
     return Path(root).expanduser()
 
 
+def _save_once(target: Path, model, tokenizer) -> Path:
+    """Save a model and tokenizer to ``target`` through a staged directory renamed into place."""
+    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        tmp.rename(target)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (target / "config.json").exists():  # another process may have won the rename
+            raise
+    return target
+
+
 def convert_gguf(gguf: Path, opts: ModelOptions) -> Path:
     """Dequantize a GGUF once into a plain safetensors checkpoint under a content address; returns its directory."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -143,16 +157,7 @@ def convert_gguf(gguf: Path, opts: ModelOptions) -> Path:
         del config.quantization_config
     plain = type(quantized)(config)
     plain.load_state_dict(quantized.state_dict())
-    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        plain.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        tmp.rename(target)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not (target / "config.json").exists():  # another process may have won the rename
-            raise
-    return target
+    return _save_once(target, plain, tokenizer)
 
 
 def packaged_adapter_dir() -> Path:
@@ -175,16 +180,7 @@ def merge_adapter(base: Path, adapter: Path, opts: ModelOptions) -> Path:
     log.info("merging the LoRA adapter %s into %s once; cached at %s", adapter.name, base.name, target)
     model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
     merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
-    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        merged.save_pretrained(tmp)
-        AutoTokenizer.from_pretrained(str(base)).save_pretrained(tmp)
-        tmp.rename(target)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not (target / "config.json").exists():  # another process may have won the rename
-            raise
-    return target
+    return _save_once(target, merged, AutoTokenizer.from_pretrained(str(base)))
 
 
 def _locate(name: str, opts: ModelOptions) -> tuple[str, str]:
