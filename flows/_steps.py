@@ -229,7 +229,11 @@ def require_behaviour(
     )
     if total and flagged < min_share * total:
         what = "refuses" if judge.kind == "refusal" else f"shows the {judge.kind} behaviour on"
-        hint = " (try model=packaged:smollm2-refusal)" if judge.kind == "refusal" else ""
+        hint = (
+            " (try model=packaged:smollm2-refusal)"
+            if model == "packaged:smollm2" and judge.kind == "refusal"
+            else ""
+        )
         raise CompalignError(
             f"{model} {what} {flagged} of {total} target prompts: nothing to remove{hint} "
             f"(select.min_behaviour={min_share:g})"
