@@ -11,11 +11,18 @@ import torch
 
 from tasks import cache
 from tasks.collect import ActivationSums
-from tasks.config import CollectConfig, ConceptConfig, EvalConfig, ScoreConfig, SelectConfig
+from tasks.config import (
+    CollectConfig,
+    ConceptConfig,
+    EvalConfig,
+    ScoreConfig,
+    SelectConfig,
+    SplitEvalConfig,
+)
 from tasks.directions import Candidates, LayerWeights
 from tasks.distributed import WorkerPool
 from tasks.errors import CompalignError
-from tasks.evaluate import EvalResult
+from tasks.evaluate import SHORT_TOKENS, BehaviourEval, EvalResult
 from tasks.model import ModelSpec
 from tasks.progress import Progress
 from tasks.prompts import (
@@ -153,7 +160,7 @@ def evaluate_and_edit(
     pool: WorkerPool,
     concept: ConceptData,
     judge_cfg,
-    eval_cfg: EvalConfig,
+    eval_cfg: SplitEvalConfig,
     direction: torch.Tensor,
     weights: LayerWeights | None = None,
 ) -> tuple[EvalResult, EvalResult, int]:
@@ -161,7 +168,8 @@ def evaluate_and_edit(
     (with one worker, one after the other). The KL of the edited model is taken against the unedited
     next-token distribution. Returns (before, after, index of the worker holding the edited model)."""
     editor = 1 if pool.size > 1 else 0
-    args = (judge_cfg, concept.target.test, concept.baseline.test, concept.perplexity_text, eval_cfg)
+    target, baseline = (getattr(prompts, eval_cfg.split) for prompts in (concept.target, concept.baseline))
+    args = (judge_cfg, target, baseline, concept.perplexity_text, eval_cfg)
     before_future = pool.submit(0, "evaluate", *args)
     if editor == 0:
         ray.get(before_future)  # the same actor must finish the unedited evaluation before editing
@@ -182,7 +190,7 @@ def log_eval(before: EvalResult, after: EvalResult) -> None:
     mlflow.log_dict({"before": before.samples(), "after": after.samples()}, "eval/answers.json")
 
 
-def summary_lines(concept_name: str, model: str, result: dict) -> list[str]:
+def summary_lines(concept_name: str, model: str, result: dict, split: str = "test") -> list[str]:
     before: EvalResult = result["before"]
     after: EvalResult = result["after"]
     found = result["found"]
@@ -196,16 +204,24 @@ def summary_lines(concept_name: str, model: str, result: dict) -> list[str]:
     return [
         f"compalign abliterate: concept {concept_name!r} on {model}",
         f"  direction        {where}",
-        f"  target test      {before.target.flagged}/{before.target.total} show the behaviour "
-        f"({before.target.rate:.0%}) -> {after.target.flagged}/{after.target.total} ({after.target.rate:.0%})",
-        f"  baseline test    {before.baseline.flagged}/{before.baseline.total} -> "
-        f"{after.baseline.flagged}/{after.baseline.total}",
+        f"  target {split:<10}{_rates(before.target, after.target)}",
+        f"  baseline {split:<8}{_rates(before.baseline, after.baseline)}",
+        f"  first {SHORT_TOKENS} tokens  target {_counts(before.target, after.target)}, "
+        f"baseline {_counts(before.baseline, after.baseline)} (the same answers, judged on their opening)",
         f"  KL (baseline)    {after.kl:.4f} first-token KL, edited vs unedited "
         f"({after.kl_without_behaviour:.4f} on the baseline prompts answered without the behaviour)",
         f"  perplexity       {before.perplexity:.2f} -> {after.perplexity:.2f} ({rise:+.1f}%) on held-out English text",
         f"  checkpoint       {result['checkpoint'] or 'not saved (output.save=false)'}",
         f"  MLflow run       {result['run_id']}",
     ]
+
+
+def _rates(before: BehaviourEval, after: BehaviourEval) -> str:
+    return f"{before.interval()} -> {after.interval()} show the behaviour"
+
+
+def _counts(before: BehaviourEval, after: BehaviourEval) -> str:
+    return f"{before.flagged_short}/{before.total} -> {after.flagged_short}/{after.total}"
 
 
 # Answers long enough for a refusal or a language to show, short enough to cost seconds.

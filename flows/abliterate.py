@@ -51,7 +51,6 @@ from tasks.config import (
     CollectConfig,
     ConceptConfig,
     DirectionConfig,
-    EvalConfig,
     MlflowConfig,
     ModelOptions,
     OutputConfig,
@@ -59,6 +58,7 @@ from tasks.config import (
     RefineConfig,
     ScoreConfig,
     SelectConfig,
+    SplitEvalConfig,
     StorageConfig,
     concept_model,
 )
@@ -86,7 +86,7 @@ class AbliterateConfig:
     score: ScoreConfig = field(default_factory=ScoreConfig)
     select: SelectConfig = field(default_factory=SelectConfig)
     refine: RefineConfig = field(default_factory=RefineConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
+    eval: SplitEvalConfig = field(default_factory=SplitEvalConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
@@ -152,7 +152,7 @@ def abliterate(cfg: AbliterateConfig, raw: DictConfig) -> dict:
             "after": after,
             "checkpoint": location,
         }
-        for line in summary_lines(cfg.data.name, cfg.model, result):
+        for line in summary_lines(cfg.data.name, cfg.model, result, cfg.eval.split):
             log.info("%s", line)
         log.info("MLflow: %s", tracking.ui_hint(cfg.mlflow, active.info))
         return result

@@ -44,11 +44,11 @@ from tasks.config import (
     CollectConfig,
     ConceptConfig,
     DirectionConfig,
-    EvalConfig,
     MlflowConfig,
     ModelOptions,
     OutputConfig,
     RayConfig,
+    SplitEvalConfig,
     StorageConfig,
     concept_model,
 )
@@ -121,7 +121,7 @@ class SweepConfig:
     """How trials are chosen and run (config group conf/search: tpe, grid)."""
     pick: PickConfig = field(default_factory=PickConfig)
     """Which trial of the front is chosen."""
-    eval: EvalConfig = field(default_factory=EvalConfig)
+    eval: SplitEvalConfig = field(default_factory=SplitEvalConfig)
     """Generation settings of the confirmation."""
     confirm: ConfirmConfig = field(default_factory=ConfirmConfig)
     output: OutputConfig = field(default_factory=lambda: OutputConfig(save=False))
@@ -202,7 +202,7 @@ def sweep(cfg: SweepConfig, raw: DictConfig) -> dict:
             # 7. Confirm the finalists with generation on the test split (bootstrap intervals, XSTest).
             chosen = finalists(records, best, cfg.confirm.finalists)
             confirmations = _confirm(cfg, pool, concept, xstest, [r.trial for r in chosen])
-            _log_confirmations(confirmations, children, best.trial.number)
+            _log_confirmations(confirmations, children, best.trial.number, cfg.eval.split)
 
             # 8. Export the picked trial as an orthogonalized checkpoint (optional; ablation only).
             location = None
@@ -302,13 +302,15 @@ def _confirm(
     if not trials:
         return []
     jobs: list[Trial | None] = [None, *trials]
+    split = cfg.eval.split  # test for the report; val to compare search settings without reading test
     args = (
-        cfg.data.judge, concept.target.test, concept.baseline.test, xstest, concept.perplexity_text, cfg.eval,
+        cfg.data.judge, getattr(concept.target, split), getattr(concept.baseline, split), xstest,
+        concept.perplexity_text, cfg.eval,
         cfg.confirm.resamples, cfg.confirm.confidence, cfg.confirm.seed,
     )  # fmt: skip
     futures = [pool.submit(i % pool.size, "confirm_trial", job, *args) for i, job in enumerate(jobs)]
     results: list[Confirmation] = []
-    with Progress("confirm on the test split (generation)", len(jobs), "models") as bar:
+    with Progress(f"confirm on the {split} split (generation)", len(jobs), "models") as bar:
         for future in futures:
             results.append(ray.get(future))
             bar.update()
@@ -318,17 +320,19 @@ def _confirm(
     return results
 
 
-def _log_confirmations(confirmations: list[Confirmation], children: dict[int, str], best: int) -> None:
+def _log_confirmations(
+    confirmations: list[Confirmation], children: dict[int, str], best: int, split: str
+) -> None:
     if not confirmations:
         return
     samples = {}
     for conf in confirmations:
         name = "unedited" if conf.number is None else f"trial_{conf.number}"
-        mlflow.log_metrics(conf.metrics(f"test.{name}"))
+        mlflow.log_metrics(conf.metrics(f"{split}.{name}"))
         if conf.number == best:
-            mlflow.log_metrics(conf.metrics("test.best"))
+            mlflow.log_metrics(conf.metrics(f"{split}.best"))
         if conf.number is not None:
-            tracking.log_metrics_to(children[conf.number], conf.metrics("test"))
+            tracking.log_metrics_to(children[conf.number], conf.metrics(split))
         samples[name] = conf.samples()
     mlflow.log_dict(samples, "eval/answers.json")
 
@@ -389,7 +393,7 @@ def summary_lines(cfg: SweepConfig, result: dict) -> list[str]:
         extra = f", xstest {conf.xstest}" if conf.xstest else ""
         kl = f", KL {conf.result.kl:.4f}" if conf.result.kl is not None else ""
         lines.append(
-            f"  test {name:<11} target {conf.target}, baseline {conf.baseline}{extra}, "
+            f"  {cfg.eval.split} {name:<11} target {conf.target}, baseline {conf.baseline}{extra}, "
             f"perplexity {conf.result.perplexity:.2f}{kl}"
         )
     lines += [

@@ -367,8 +367,8 @@ class SelectConfig:
 class EvalConfig:
     """Before/after evaluation on the held-out test split."""
 
-    max_new_tokens: int = 24
-    """Greedy generation length per test prompt."""
+    max_new_tokens: int = 128
+    """Greedy generation length per test prompt (long enough for a refusal after a compliant opening)."""
     batch_size: int = 16
     """Prompts per generation batch."""
     perplexity_text: str = "bundled:english_heldout"
@@ -382,6 +382,19 @@ class EvalConfig:
         _require(
             self.perplexity_tokens > 1, f"eval.perplexity_tokens must be > 1, got {self.perplexity_tokens}"
         )
+
+
+@dataclass
+class SplitEvalConfig(EvalConfig):
+    """Evaluation on a split of the concept's prompts (abliterate, sweep)."""
+
+    split: str = "test"
+    """Prompts judged: test (the report), or val to compare settings (a search's knobs, these defaults)
+    without reading the test split; the direction is chosen on val, so val figures flatter the edit."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _require(self.split in ("test", "val"), f"eval.split must be test or val, got {self.split!r}")
 
 
 @dataclass

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from tasks.bootstrap import RateInterval, bootstrap_rate
 from tasks.forward import chunks, left_pad, pad_id, positions_from_mask, tokenize
 from tasks.judges import Judge
 from tasks.prompts import format_chat
@@ -55,18 +56,40 @@ class BehaviourEval:
     total: int
     samples: list[dict] = field(default_factory=list)
     """Every (prompt, answer, flagged) row."""
+    flagged_short: int | None = None
+    """How many show the behaviour judged on only the first ``SHORT_TOKENS`` tokens of each answer
+    (None when not measured): refusals after a compliant opening show up only in the longer answers."""
 
     @property
     def rate(self) -> float:
         return self.flagged / self.total if self.total else float("nan")
 
+    @property
+    def rate_short(self) -> float:
+        return self.flagged_short / self.total if self.total and self.flagged_short is not None else math.nan
 
-def judge_answers(judge: Judge, prompts: list[str], answers: list[str]) -> BehaviourEval:
+    def interval(self) -> RateInterval:
+        """The rate with its seeded percentile-bootstrap 95% interval."""
+        return bootstrap_rate([bool(row["flagged"]) for row in self.samples])
+
+
+# The short reading beside the full answer: what a 32-token judge would have reported.
+SHORT_TOKENS = 32
+
+
+def judge_answers(judge: Judge, prompts: list[str], answers: list[str], tokenizer=None) -> BehaviourEval:
+    """Judge ``answers``; with ``tokenizer``, also judge each answer's first ``SHORT_TOKENS`` tokens."""
     flags = judge.judge(prompts, answers)
     samples = [
         {"prompt": p, "answer": a, "flagged": f} for p, a, f in zip(prompts, answers, flags, strict=True)
     ]
-    return BehaviourEval(flagged=sum(flags), total=len(flags), samples=samples)
+    short = None
+    if tokenizer is not None:
+        heads = [
+            tokenizer.decode(tokenizer(a, add_special_tokens=False).input_ids[:SHORT_TOKENS]) for a in answers
+        ]
+        short = sum(judge.judge(prompts, heads))
+    return BehaviourEval(flagged=sum(flags), total=len(flags), samples=samples, flagged_short=short)
 
 
 @torch.inference_mode()
@@ -130,6 +153,11 @@ class EvalResult:
             f"{prefix}.baseline_flagged": float(self.baseline.flagged),
             f"{prefix}.perplexity": self.perplexity,
         }
+        for name, judged in (("target", self.target), ("baseline", self.baseline)):
+            interval = judged.interval()
+            out[f"{prefix}.{name}_rate_low"], out[f"{prefix}.{name}_rate_high"] = interval.low, interval.high
+            if judged.flagged_short is not None:
+                out[f"{prefix}.{name}_rate_first{SHORT_TOKENS}"] = judged.rate_short
         if self.kl is not None:
             out[f"{prefix}.kl"] = self.kl
         if self.kl_without_behaviour is not None:
@@ -168,8 +196,8 @@ def evaluate(
     answers_b = generate(model, tokenizer, baseline, max_new_tokens, batch_size, progress)
     logprobs = next_token_logprobs(model, tokenizer, baseline, batch_size)
     return EvalResult(
-        target=judge_answers(judge, target, answers_t),
-        baseline=judge_answers(judge, baseline, answers_b),
+        target=judge_answers(judge, target, answers_t, tokenizer),
+        baseline=judge_answers(judge, baseline, answers_b, tokenizer),
         perplexity=perplexity(model, tokenizer, text, perplexity_tokens),
         baseline_logprobs=logprobs,
         kl=None if reference is None else mean_kl(reference, logprobs),

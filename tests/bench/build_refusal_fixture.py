@@ -40,7 +40,7 @@ SFT_OVERRIDES = [
     "deepspeed=zero2",
     "train.max_steps=null",
     "train.epochs=3",
-    "train.lr=3e-4",
+    "train.lr=5e-4",
     "train.warmup_steps=10",
     "train.log_every=10",
     "train.seed=0",
@@ -79,9 +79,8 @@ def install(trained: Path, target: Path) -> None:
 
 def evaluate(model: str) -> dict:
     sys.path.insert(0, str(REPO))
-    from tasks.bootstrap import bootstrap_rate
     from tasks.config import ModelOptions
-    from tasks.evaluate import generate
+    from tasks.evaluate import generate, judge_answers
     from tasks.judges import RefusalJudge
     from tasks.model import load_model
 
@@ -100,10 +99,10 @@ def evaluate(model: str) -> dict:
     judge, report = RefusalJudge(), {}
     for name, prompts in sets.items():
         answers = generate(loaded.model, loaded.tokenizer, prompts, 128, 16)
-        short = [loaded.tokenizer.decode(loaded.tokenizer(a)["input_ids"][:32]) for a in answers]
+        judged = judge_answers(judge, prompts, answers, loaded.tokenizer)
         report[name] = {
-            "refused_128": str(bootstrap_rate(judge.judge(prompts, answers))),
-            "refused_32": str(bootstrap_rate(judge.judge(prompts, short))),
+            "refused_128": str(judged.interval()),
+            "refused_first_32": f"{judged.flagged_short}/{judged.total} ({judged.rate_short:.0%})",
         }
         print(name, report[name], flush=True)
     return report

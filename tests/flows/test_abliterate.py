@@ -149,10 +149,14 @@ def test_tiny_model_search_then_given_direction(tiny_dirs, workdir):
             *_tiny_overrides(tiny_dirs["mixtral"], workdir),
             f"direction.file={first['run_id']}",
             "output.save=false",
+            "eval.split=val",
         ]
     )
     assert torch.allclose(third["found"].direction, found.direction)
     assert third["found"].layer == found.layer
+    # eval.split=val judges the validation prompts, none of the test prompts the report reads
+    prompts = [{row["prompt"] for row in run["before"].target.samples} for run in (first, third)]
+    assert prompts[1] and not prompts[0] & prompts[1]
 
 
 def test_given_direction_with_sweep_kernels_follows_them(tiny_dirs, workdir):
@@ -240,6 +244,7 @@ def _bad(overrides: list[str], message: str, capsys_or_caplog, workdir: Path) ->
         (["collect.batch_size=0"], "collect.batch_size must be > 0, got 0"),
         (["score.induce_scale=nan"], "score.induce_scale must be a finite number"),
         (["refine.steps=2", "refine.lr=0"], "refine.lr must be a positive number, got 0"),
+        (["eval.split=train"], "eval.split must be test or val, got 'train'"),
     ],
 )
 def test_bad_input_is_one_clear_error(overrides, message, caplog, workdir):

@@ -56,3 +56,18 @@ def test_smollm2_answers_french_in_french(smollm2):
     assert mean_kl(logp, logp) == 0.0
     assert 1 < result.perplexity < 50
     assert result.metrics("before")["before.target_rate"] == 1.0
+
+
+def test_a_refusal_after_a_compliant_opening_shows_only_in_the_long_reading(tokenizer):
+    from tasks.evaluate import SHORT_TOKENS, judge_answers
+    from tasks.judges import RefusalJudge
+
+    opening = "Sure. Here is some general background on how locks work, " * 6
+    late = opening + "However, I'm sorry, but I can't help with picking this one."
+    assert len(tokenizer(opening, add_special_tokens=False).input_ids) > SHORT_TOKENS
+    early = "I'm sorry, but I can't help with that."
+    judged = judge_answers(RefusalJudge(), ["a", "b", "c"], [late, early, opening], tokenizer)
+    assert (judged.flagged, judged.flagged_short, judged.total) == (2, 1, 3)
+    interval = judged.interval()
+    assert interval.low < judged.rate == 2 / 3 < interval.high
+    assert judge_answers(RefusalJudge(), ["a"], [late]).flagged_short is None  # no tokenizer: not measured
