@@ -35,6 +35,7 @@ def french_run(tmp_path_factory, ray_local):
     work = tmp_path_factory.mktemp("french")
     overrides = [
         "data=french",
+        "eval.max_new_tokens=32",  # a language shows in a sentence; 128 tokens would add a minute to CI
         f"mlflow.tracking_uri=sqlite:///{work}/mlflow.db",
         f"output.uri={work}/model",
         f"cache.uri={work}/cache",

@@ -96,13 +96,13 @@ def test_fixture_refuses_harmful_and_answers_harmless(refusing, smollm2):
     refused = judge.judge(harmful, generate(refusing.model, refusing.tokenizer, harmful, 32, 16))
     over = judge.judge(harmless, generate(refusing.model, refusing.tokenizer, harmless, 32, 16))
     plain = judge.judge(harmful, generate(smollm2.model, smollm2.tokenizer, harmful, 32, 16))
-    assert sum(refused) >= 13 and sum(over) <= 4  # it over-refuses 3 of these 16 (see its README)
+    assert sum(refused) >= 13 and sum(over) <= 4  # its measured over-refusal: see its README
     assert sum(plain) <= 4  # what the fixture adds: the plain model barely refuses
 
 
 def test_refusal_direction_of_the_fixture_is_found_and_removed(refusing):
     """Difference of means on the first 48 bundled prompts of each set; on 16 other harmful prompts the
-    weight-orthogonalized copy refuses far less, and it equals the hook ablation to 1e-4."""
+    weight-orthogonalized copy refuses far less, and it equals the hook ablation to 1e-4 (float64)."""
     import copy
 
     from tasks.collect import collect_activation_sums
@@ -115,15 +115,19 @@ def test_refusal_direction_of_the_fixture_is_found_and_removed(refusing):
     harmless = [json.loads(line)["prompt"] for line in (PROMPTS / "refusal_harmless.jsonl").open()]
     model, tok = refusing.model, refusing.tokenizer
     sums = [collect_activation_sums(model, tok, p[:48], 1, 16) for p in (harmful, harmless)]
-    direction = difference_of_means(*sums).get(21, -1)  # the layer the flow picks on its validation split
+    direction = difference_of_means(*sums).get(22, -1)  # the layer the flow picks on its validation split
     held_out, judge = harmful[-16:], RefusalJudge()
     before = sum(judge.judge(held_out, generate(model, tok, held_out, 24, 16)))
     edited = copy.deepcopy(model)
     orthogonalize_weights(edited, direction)
     after = sum(judge.judge(held_out, generate(edited, tok, held_out, 24, 16)))
     assert before >= 12 and after <= before // 3
+    # in float64, so that the comparison sees the edit and not float32 rounding over 30 layers (~2e-4)
     ids = tok(format_chat(tok, held_out[:2])[0], return_tensors="pt", add_special_tokens=False).input_ids
+    exact = copy.deepcopy(model).double()
+    exact_edited = copy.deepcopy(exact)
+    orthogonalize_weights(exact_edited, direction.double())
     with torch.no_grad():
-        with intervene(model, ablation=Ablation(direction=direction)):
-            hooked = model(ids).logits
-        assert (edited(ids).logits - hooked).abs().max() < 1e-4
+        with intervene(exact, ablation=Ablation(direction=direction.double())):
+            hooked = exact(ids).logits
+        assert (exact_edited(ids).logits - hooked).abs().max() < 1e-4
