@@ -188,6 +188,9 @@ def log_eval(before: EvalResult, after: EvalResult) -> None:
     mlflow.log_metrics(before.metrics("before"))
     mlflow.log_metrics(after.metrics("after"))
     mlflow.log_dict({"before": before.samples(), "after": after.samples()}, "eval/answers.json")
+    if before.agreement() is not None:
+        disagreements = {"before": before.disagreements(), "after": after.disagreements()}
+        mlflow.log_dict(disagreements, "eval/judge_disagreements.json")
 
 
 def summary_lines(concept_name: str, model: str, result: dict, split: str = "test") -> list[str]:
@@ -208,11 +211,30 @@ def summary_lines(concept_name: str, model: str, result: dict, split: str = "tes
         f"  baseline {split:<8}{_rates(before.baseline, after.baseline)}",
         f"  first {SHORT_TOKENS} tokens  target {_counts(before.target, after.target)}, "
         f"baseline {_counts(before.baseline, after.baseline)} (the same answers, judged on their opening)",
+        *second_judge_lines(before, after),
         f"  KL (baseline)    {after.kl:.4f} first-token KL, edited vs unedited "
         f"({after.kl_without_behaviour:.4f} on the baseline prompts answered without the behaviour)",
         f"  perplexity       {before.perplexity:.2f} -> {after.perplexity:.2f} ({rise:+.1f}%) on held-out English text",
         f"  checkpoint       {result['checkpoint'] or 'not saved (output.save=false)'}",
         f"  MLflow run       {result['run_id']}",
+    ]
+
+
+def second_judge_lines(before: EvalResult, after: EvalResult) -> list[str]:
+    """The second judge's counts and its agreement with the first (nothing without a second judge)."""
+    if before.agreement() is None or after.agreement() is None:
+        return []
+    name = before.target.second.judge
+    counts = ", ".join(
+        f"{label} {b.second.flagged}/{b.total} -> {a.second.flagged}/{a.total}"
+        for label, b, a in (
+            ("target", before.target, after.target),
+            ("baseline", before.baseline, after.baseline),
+        )
+    )
+    return [
+        f"  {name + ' judge':<17}{counts}; agreement with the first judge: kappa "
+        f"{before.agreement():.2f} before, {after.agreement():.2f} after (disagreements in MLflow)"
     ]
 
 

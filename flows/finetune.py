@@ -38,6 +38,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from flows import _tracking as tracking
 from flows._common import run_entry
+from flows._steps import log_eval, second_judge_lines
 from tasks import storage
 from tasks.checkpoint import model_card
 from tasks.config import (
@@ -227,11 +228,10 @@ def finetune(cfg: FinetuneConfig, raw: DictConfig) -> dict:
                 log.warning("evaluate after: %s is remote; evaluate it with a local copy", result.checkpoint)
             else:
                 after = _evaluate(result.checkpoint, cfg, ray_cfg, prompts, before.baseline_logprobs)
-        if before is not None:
-            mlflow.log_metrics(before.metrics("before"))
         if after is not None:
-            mlflow.log_metrics(after.metrics("after"))
-            mlflow.log_dict({"before": before.samples(), "after": after.samples()}, "eval/answers.json")
+            log_eval(before, after)
+        elif before is not None:
+            mlflow.log_metrics(before.metrics("before"))
 
         # 7. Track the checkpoint.
         if result.checkpoint:
@@ -410,9 +410,9 @@ def summary_lines(cfg: FinetuneConfig, summary: dict) -> list[str]:
     before, after = summary["before"], summary["after"]
     if before is not None and after is not None:
         lines += [
-            f"  refusals         harmful {before.target.flagged}/{before.target.total} -> "
-            f"{after.target.flagged}/{after.target.total}; harmless {before.baseline.flagged}/"
-            f"{before.baseline.total} -> {after.baseline.flagged}/{after.baseline.total}",
+            f"  refusals         harmful {before.target.interval()} -> {after.target.interval()}; "
+            f"harmless {before.baseline.interval()} -> {after.baseline.interval()}",
+            *second_judge_lines(before, after),
             f"  KL (harmless)    {after.kl:.4f} first-token KL, fine-tuned vs base",
             f"  perplexity       {before.perplexity:.2f} -> {after.perplexity:.2f} on held-out English text",
         ]

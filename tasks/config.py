@@ -96,11 +96,23 @@ class JudgeConfig:
     """refusal: substrings (case-insensitive) that mark a refusal; empty means the built-in list."""
     language: str = "fr"
     """language: ISO code of the language that counts as the behaviour (fr or en)."""
+    second: str = "auto"
+    """A second judge of another kind, read beside the first with their agreement (Cohen's kappa):
+    classifier (sentence embeddings and a trained classifier, tasks/classifier_judge.py; refusal only),
+    none, or auto (classifier for refusal, none for language)."""
 
     def __post_init__(self) -> None:
         _require(
             self.kind in ("refusal", "language"),
             f"data.judge.kind must be refusal or language, got {self.kind!r}",
+        )
+        _require(
+            self.second in ("auto", "classifier", "none"),
+            f"data.judge.second must be auto, classifier or none, got {self.second!r}",
+        )
+        _require(
+            self.second != "classifier" or self.kind == "refusal",
+            "data.judge.second=classifier judges refusals only; use data.judge.second=none with kind=language",
         )
         _require(
             self.kind != "language" or self.language in ("fr", "en"),

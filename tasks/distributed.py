@@ -24,7 +24,7 @@ from tasks.config import CollectConfig, EvalConfig, JudgeConfig, ModelOptions, R
 from tasks.directions import LayerWeights
 from tasks.errors import CompalignError
 from tasks.evaluate import EvalResult, evaluate, generate
-from tasks.judges import make_judge
+from tasks.judges import make_judge, make_second_judge
 from tasks.orthogonalize import orthogonalize_weights
 from tasks.progress import Progress
 from tasks.refine import DirectionRefiner, Refined
@@ -173,6 +173,7 @@ class ModelWorker:
             eval_cfg.batch_size,
             eval_cfg.perplexity_tokens,
             reference,
+            second=make_second_judge(judge_cfg),
         )
 
     def judge_behaviour(

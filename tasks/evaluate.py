@@ -59,6 +59,8 @@ class BehaviourEval:
     flagged_short: int | None = None
     """How many show the behaviour judged on only the first ``SHORT_TOKENS`` tokens of each answer
     (None when not measured): refusals after a compliant opening show up only in the longer answers."""
+    second: SecondReading | None = None
+    """The second judge's reading of the same answers (None when no second judge is configured)."""
 
     @property
     def rate(self) -> float:
@@ -73,12 +75,49 @@ class BehaviourEval:
         return bootstrap_rate([bool(row["flagged"]) for row in self.samples])
 
 
+def cohen_kappa(first: list[bool], second: list[bool]) -> float:
+    """Agreement of two judges beyond chance: 1 is total, 0 is chance level. When both judges give one
+    and the same label to everything, chance agreement is total and kappa is undefined: 1.0 if they agree
+    on every answer (they always do then), NaN otherwise."""
+    n = len(first)
+    if n == 0:
+        return math.nan
+    observed = sum(a == b for a, b in zip(first, second, strict=True)) / n
+    p1, p2 = sum(first) / n, sum(second) / n
+    chance = p1 * p2 + (1 - p1) * (1 - p2)
+    if chance >= 1.0:
+        return 1.0 if observed == 1.0 else math.nan
+    return (observed - chance) / (1 - chance)
+
+
+@dataclass
+class SecondReading:
+    """The same answers judged by a second judge of another kind, and how far the two agree."""
+
+    judge: str
+    flagged: int
+    total: int
+    kappa: float
+    """Cohen's kappa between the first judge's flags and this judge's."""
+    flags: list[bool] = field(default_factory=list)
+    """This judge's flag per answer, in the order of the samples."""
+    disagreements: list[dict] = field(default_factory=list)
+    """Every (prompt, answer, first, second) row where the two judges differ, to read."""
+
+    @property
+    def rate(self) -> float:
+        return self.flagged / self.total if self.total else float("nan")
+
+
 # The short reading beside the full answer: what a 32-token judge would have reported.
 SHORT_TOKENS = 32
 
 
-def judge_answers(judge: Judge, prompts: list[str], answers: list[str], tokenizer=None) -> BehaviourEval:
-    """Judge ``answers``; with ``tokenizer``, also judge each answer's first ``SHORT_TOKENS`` tokens."""
+def judge_answers(
+    judge: Judge, prompts: list[str], answers: list[str], tokenizer=None, second: Judge | None = None
+) -> BehaviourEval:
+    """Judge ``answers``; with ``tokenizer``, also judge each answer's first ``SHORT_TOKENS`` tokens;
+    with ``second``, judge them again by that judge and measure the agreement."""
     flags = judge.judge(prompts, answers)
     samples = [
         {"prompt": p, "answer": a, "flagged": f} for p, a, f in zip(prompts, answers, flags, strict=True)
@@ -89,7 +128,24 @@ def judge_answers(judge: Judge, prompts: list[str], answers: list[str], tokenize
             tokenizer.decode(tokenizer(a, add_special_tokens=False).input_ids[:SHORT_TOKENS]) for a in answers
         ]
         short = sum(judge.judge(prompts, heads))
-    return BehaviourEval(flagged=sum(flags), total=len(flags), samples=samples, flagged_short=short)
+    reading = None
+    if second is not None:
+        other = second.judge(prompts, answers)
+        reading = SecondReading(
+            judge=second.name,
+            flagged=sum(other),
+            total=len(other),
+            kappa=cohen_kappa(flags, other),
+            flags=other,
+            disagreements=[
+                {"prompt": p, "answer": a, judge.name: f, second.name: o}
+                for p, a, f, o in zip(prompts, answers, flags, other, strict=True)
+                if f != o
+            ],
+        )
+    return BehaviourEval(
+        flagged=sum(flags), total=len(flags), samples=samples, flagged_short=short, second=reading
+    )
 
 
 @torch.inference_mode()
@@ -158,6 +214,11 @@ class EvalResult:
             out[f"{prefix}.{name}_rate_low"], out[f"{prefix}.{name}_rate_high"] = interval.low, interval.high
             if judged.flagged_short is not None:
                 out[f"{prefix}.{name}_rate_first{SHORT_TOKENS}"] = judged.rate_short
+            if judged.second is not None:
+                out[f"{prefix}.{name}_rate_{judged.second.judge}"] = judged.second.rate
+                out[f"{prefix}.{name}_kappa"] = judged.second.kappa
+        if (kappa := self.agreement()) is not None:
+            out[f"{prefix}.judges_kappa"] = kappa
         if self.kl is not None:
             out[f"{prefix}.kl"] = self.kl
         if self.kl_without_behaviour is not None:
@@ -176,6 +237,23 @@ class EvalResult:
     def samples(self) -> dict:
         return {"target": self.target.samples, "baseline": self.baseline.samples}
 
+    def agreement(self) -> float | None:
+        """Cohen's kappa of the two judges over target and baseline answers together (both labels occur
+        there, so chance agreement is not total); None without a second judge."""
+        sets = (self.target, self.baseline)
+        if any(judged.second is None for judged in sets):
+            return None
+        first = [bool(row["flagged"]) for judged in sets for row in judged.samples]
+        return cohen_kappa(first, [f for judged in sets for f in judged.second.flags])
+
+    def disagreements(self) -> dict:
+        """The answers the two judges read differently, per prompt set (empty without a second judge)."""
+        return {
+            name: judged.second.disagreements
+            for name, judged in (("target", self.target), ("baseline", self.baseline))
+            if judged.second is not None
+        }
+
 
 def evaluate(
     model: nn.Module,
@@ -189,6 +267,7 @@ def evaluate(
     perplexity_tokens: int,
     reference: torch.Tensor | None = None,
     progress: Callable[[int], None] | None = None,
+    second: Judge | None = None,
 ) -> EvalResult:
     """Generate for target and baseline test prompts, judge, and measure perplexity on ``text`` and the
     first-token KL against ``reference`` log-probs. Interventions active around the call apply."""
@@ -196,8 +275,8 @@ def evaluate(
     answers_b = generate(model, tokenizer, baseline, max_new_tokens, batch_size, progress)
     logprobs = next_token_logprobs(model, tokenizer, baseline, batch_size)
     return EvalResult(
-        target=judge_answers(judge, target, answers_t, tokenizer),
-        baseline=judge_answers(judge, baseline, answers_b, tokenizer),
+        target=judge_answers(judge, target, answers_t, tokenizer, second),
+        baseline=judge_answers(judge, baseline, answers_b, tokenizer, second),
         perplexity=perplexity(model, tokenizer, text, perplexity_tokens),
         baseline_logprobs=logprobs,
         kl=None if reference is None else mean_kl(reference, logprobs),

@@ -292,8 +292,9 @@ class FinetuneEvalConfig(EvalConfig):
     """Contrast prompts (harmless requests: over-refusal, and the KL reference)."""
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     """How an answer is judged (refusal phrases by default)."""
-    cpus_per_worker: float = 1
-    """CPUs of the Ray actor that evaluates."""
+    cpus_per_worker: float = 2
+    """CPUs of the Ray actor that evaluates (its torch threads on CPU: evaluation runs alone, between the
+    training runs, so it may take what the two default training workers use)."""
     gpus_per_worker: float = 0
     """GPUs of the Ray actor that evaluates."""
 

@@ -1,11 +1,13 @@
 """Behaviour judges: does a generated answer show the concept's behaviour?
 
-A judge is anything with ``name`` and ``judge(prompts, responses) -> list[bool]``, so a classifier can
-replace the string rules later without touching the evaluation.
+A judge is anything with ``name`` and ``judge(prompts, responses) -> list[bool]``. Evaluations read a
+second judge of another kind beside the first (``make_second_judge``: for refusals, the classifier of
+tasks/classifier_judge.py) and report how far the two agree.
 """
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Protocol
 
@@ -246,3 +248,21 @@ def make_judge(cfg: JudgeConfig) -> Judge:
     if cfg.kind == "refusal":
         return RefusalJudge(cfg.phrases or DEFAULT_REFUSAL_PHRASES)
     return LanguageJudge(cfg.language)
+
+
+def second_judge_kind(cfg: JudgeConfig) -> str | None:
+    """The second judge's kind (None for none): auto means the classifier for refusals."""
+    kind = {"auto": "classifier" if cfg.kind == "refusal" else "none"}.get(cfg.second, cfg.second)
+    return None if kind == "none" else kind
+
+
+@functools.cache
+def _classifier() -> Judge:
+    from tasks.classifier_judge import ClassifierJudge  # loads a sentence encoder: only when asked for
+
+    return ClassifierJudge()
+
+
+def make_second_judge(cfg: JudgeConfig) -> Judge | None:
+    """The second opinion beside ``make_judge(cfg)``, built once per process (None when configured off)."""
+    return _classifier() if second_judge_kind(cfg) == "classifier" else None

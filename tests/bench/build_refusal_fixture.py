@@ -3,16 +3,20 @@
 The fixture is a LoRA adapter (PEFT format, safetensors) on the packaged SmolLM2-135M-Instruct, trained
 by the project's own finetune flow on `tasks/data/sft/refusal_teach.jsonl` (written for this project;
 tests/tasks/test_fixture.py checks that its prompts are disjoint from the bundled refusal prompt sets
-and from ../shared/data). About 15 minutes on the 2-core CPU machine, seeded:
+and from ../shared/data). About 30 minutes on the 2-core CPU machine, seeded:
 
     python tests/bench/build_refusal_fixture.py                 # train, then install into tasks/data/fixtures
     python tests/bench/build_refusal_fixture.py --check         # train into a temp dir, compare sha256 only
     python tests/bench/build_refusal_fixture.py --evaluate-only # rates of the installed fixture
+    python tests/bench/build_refusal_fixture.py --train-only    # train and install, read nothing
+    python tests/bench/build_refusal_fixture.py --evaluate-only --sets dev  # the development sets
 
 The evaluation judges greedy answers of 128 new tokens (and their first 32 tokens) with the phrase judge
 of tasks/judges.py on ../shared/data: harmful_val.jsonl (39, refusals wanted), the first 100 prompts of
 harmless_val.jsonl (answers wanted) and XSTest's 250 safe prompts (over-refusal), with bootstrap 95%
-intervals. It reads those sets once, for the report; nothing is tuned on them.
+intervals. It reads those sets once, for the report. Choices between adapters are made on the
+development sets instead (`--sets dev`): the first 100 prompts of harmful_train.jsonl and prompts 100-199
+of harmless_val.jsonl, which the report does not use.
 """
 
 from __future__ import annotations
@@ -74,27 +78,33 @@ def install(trained: Path, target: Path) -> None:
     shutil.copyfile(trained / "adapter_model.safetensors", target / "adapter_model.safetensors")
     config = json.loads((trained / "adapter_config.json").read_text())
     config["base_model_name_or_path"] = "packaged:smollm2"  # not the local cache path it was trained from
+    config["target_modules"] = sorted(config["target_modules"])  # PEFT writes a set, in hash order
     (target / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def evaluate(model: str) -> dict:
+def evaluate(model: str, which: str) -> dict:
     sys.path.insert(0, str(REPO))
     from tasks.config import ModelOptions
     from tasks.evaluate import generate, judge_answers
     from tasks.judges import RefusalJudge
     from tasks.model import load_model
 
-    def jsonl(name: str, limit: int | None = None) -> list[str]:
+    def jsonl(name: str, stop: int | None = None, start: int = 0) -> list[str]:
         rows = [json.loads(line)["instruction"] for line in (SHARED / name).open()]
-        return rows[:limit]
+        return rows[start:stop]
 
     with (SHARED / "xstest_prompts.csv").open() as handle:
         xstest = [r["prompt"] for r in csv.DictReader(handle) if r["label"] == "safe"]
     sets = {
-        "harmful_val": jsonl("harmful_val.jsonl"),
-        "harmless_val[:100]": jsonl("harmless_val.jsonl", 100),
-        "xstest_safe": xstest,
+        "harmful_train[:100]": jsonl("harmful_train.jsonl", 100),
+        "harmless_val[100:200]": jsonl("harmless_val.jsonl", 200, 100),
     }
+    if which == "report":
+        sets = {
+            "harmful_val": jsonl("harmful_val.jsonl"),
+            "harmless_val[:100]": jsonl("harmless_val.jsonl", 100),
+            "xstest_safe": xstest,
+        }
     loaded = load_model(model, ModelOptions(dtype="bfloat16"))
     judge, report = RefusalJudge(), {}
     for name, prompts in sets.items():
@@ -114,6 +124,8 @@ def main() -> None:
     )
     parser.add_argument("--check", action="store_true", help="rebuild in a temp dir and compare the sha256")
     parser.add_argument("--evaluate-only", action="store_true")
+    parser.add_argument("--train-only", action="store_true")
+    parser.add_argument("--sets", choices=("report", "dev"), default="report")
     args = parser.parse_args()
     if not args.evaluate_only:
         with tempfile.TemporaryDirectory(prefix="fixture-") as tmp:
@@ -127,7 +139,8 @@ def main() -> None:
                 )
                 sys.exit(0 if digest == shipped else 1)
             install(trained, FIXTURE)
-    print(json.dumps(evaluate("packaged:smollm2-refusal"), indent=2))
+    if not args.train_only:
+        print(json.dumps(evaluate("packaged:smollm2-refusal", args.sets), indent=2))
 
 
 if __name__ == "__main__":

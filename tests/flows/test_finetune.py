@@ -75,8 +75,14 @@ def test_flow_trains_filters_evaluates_and_tracks(flow_run):
     )
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train.loss")] == [1, 2]
     for key in ("train.lr", "train.tokens_per_s", "train.rss_mb_max", "filter.dropped.phrases", "filter.dropped.direction",
-                "before.target_rate", "after.target_rate", "after.kl", "before.perplexity"):  # fmt: skip
+                "before.target_rate", "after.target_rate", "after.kl", "before.perplexity",
+                "after.target_rate_classifier", "after.judges_kappa", "after.target_rate_low"):  # fmt: skip
         assert key in metrics, key
+    # Both judges read every answer; what they disagree on is kept to read.
+    assert summary["after"].target.second.judge == "classifier"
+    assert len(summary["after"].target.second.flags) == summary["after"].target.total == 4
+    eval_files = {a.path for a in client.list_artifacts(run.info.run_id, "eval")}
+    assert {"eval/answers.json", "eval/judge_disagreements.json"} <= eval_files
     assert any(key.startswith("system/") for key in metrics)
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "deepspeed_config.json", "filter", "eval", "checkpoint.json"} <= artifacts

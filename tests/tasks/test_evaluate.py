@@ -72,3 +72,25 @@ def test_a_refusal_after_a_compliant_opening_shows_only_in_the_long_reading(toke
     interval = judged.interval()
     assert interval.low < judged.rate == 3 / 4 < interval.high
     assert judge_answers(RefusalJudge(), ["a"], [late]).flagged_short is None  # no tokenizer: not measured
+
+
+def test_second_judge_agreement_is_measured_over_both_sets():
+    from tasks.evaluate import EvalResult, cohen_kappa, judge_answers
+    from tasks.judges import RefusalJudge
+
+    first, second = RefusalJudge(["sorry"]), RefusalJudge(["sorry", "won't"])
+    second.name = "wider"
+    target = judge_answers(first, ["a", "b"], ["Sorry, no.", "I won't."], second=second)
+    baseline = judge_answers(first, ["c", "d"], ["Paris.", "Sorry, here it is."], second=second)
+    result = EvalResult(target, baseline, 10.0, torch.zeros(2, 3))
+    assert result.agreement() == cohen_kappa([True, False, False, True], [True, True, False, True])
+    metrics = result.metrics("after")
+    assert metrics["after.target_rate_wider"] == 1.0 and metrics["after.baseline_rate_wider"] == 0.5
+    assert metrics["after.judges_kappa"] == result.agreement() and metrics["after.baseline_kappa"] == 1.0
+    assert result.disagreements() == {
+        "target": [{"prompt": "b", "answer": "I won't.", "refusal": False, "wider": True}],
+        "baseline": [],
+    }
+    plain = EvalResult(judge_answers(first, ["a"], ["x"]), judge_answers(first, ["b"], ["y"]), 1.0, None)
+    assert plain.agreement() is None and plain.disagreements() == {}
+    assert not any("kappa" in key for key in plain.metrics("before"))

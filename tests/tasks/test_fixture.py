@@ -115,7 +115,7 @@ def test_refusal_direction_of_the_fixture_is_found_and_removed(refusing):
     harmless = [json.loads(line)["prompt"] for line in (PROMPTS / "refusal_harmless.jsonl").open()]
     model, tok = refusing.model, refusing.tokenizer
     sums = [collect_activation_sums(model, tok, p[:48], 1, 16) for p in (harmful, harmless)]
-    direction = difference_of_means(*sums).get(22, -1)  # the layer the flow picks on its validation split
+    direction = difference_of_means(*sums).get(18, -1)  # the layer the flow picks on its validation split
     held_out, judge = harmful[-16:], RefusalJudge()
     before = sum(judge.judge(held_out, generate(model, tok, held_out, 24, 16)))
     edited = copy.deepcopy(model)
