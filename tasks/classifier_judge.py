@@ -18,8 +18,6 @@ import json
 import logging
 import os
 import re
-import shutil
-import uuid
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +25,7 @@ from pathlib import Path
 import torch
 
 from tasks.errors import CompalignError
+from tasks.model import model_cache_root, publish_once
 
 log = logging.getLogger("compalign.judges")
 
@@ -65,21 +64,15 @@ def embedder_dir(cache_root: str | os.PathLike | None = None) -> Path:
     archive = Path(next(iter(spec.submodule_search_locations))) / "model.zip"
     stat = archive.stat()
     key = hashlib.sha256(f"{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    root = Path(cache_root or os.environ.get("COMPALIGN_MODEL_CACHE") or "~/.cache/compalign/models")
-    target = root.expanduser() / f"all-MiniLM-L6-v2-{key}"
+    target = model_cache_root(cache_root) / f"all-MiniLM-L6-v2-{key}"
     if (target / "config.json").exists():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staged = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
+
+    def unzip(staged: Path) -> None:
         with zipfile.ZipFile(archive) as handle:
             handle.extractall(staged)
-        staged.rename(target)
-    except OSError:
-        shutil.rmtree(staged, ignore_errors=True)
-        if not (target / "config.json").exists():  # another process may have won the rename
-            raise
-    return target
+
+    return publish_once(target, unzip)
 
 
 class Embedder:

@@ -15,6 +15,7 @@ import logging
 import os
 import shutil
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -121,23 +122,39 @@ def weights_identity(folder: Path) -> str:
     return "sha256:" + digest.hexdigest()
 
 
-def _convert_cache_root(opts: ModelOptions) -> Path:
-    root = opts.convert_cache or os.environ.get("COMPALIGN_MODEL_CACHE") or "~/.cache/compalign/models"
+def model_cache_root(override: str | os.PathLike | None = None) -> Path:
+    """Where converted and unpacked models are kept: ``override``, $COMPALIGN_MODEL_CACHE or the default."""
+    root = override or os.environ.get("COMPALIGN_MODEL_CACHE") or "~/.cache/compalign/models"
     return Path(root).expanduser()
 
 
-def _save_once(target: Path, model, tokenizer) -> Path:
-    """Save a model and tokenizer to ``target`` through a staged directory renamed into place."""
+def _convert_cache_root(opts: ModelOptions) -> Path:
+    return model_cache_root(opts.convert_cache)
+
+
+def publish_once(target: Path, write: Callable[[Path], None]) -> Path:
+    """Let ``write`` fill a staged directory, then rename it to ``target`` (a model directory: it holds
+    config.json once complete), so a reader never sees half a directory."""
+    target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        write(tmp)
         tmp.rename(target)
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)
         if not (target / "config.json").exists():  # another process may have won the rename
             raise
     return target
+
+
+def _save_once(target: Path, model, tokenizer) -> Path:
+    """Save a model and tokenizer to ``target`` through a staged directory renamed into place."""
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+    return publish_once(target, write)
 
 
 def convert_gguf(gguf: Path, opts: ModelOptions) -> Path:
