@@ -128,6 +128,17 @@ def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     )
 
 
+def _start(args: list[str], cwd: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "flows.finetune", *args],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**_env(), "PYTHONPATH": str(REPO)},
+    )
+
+
 def _env() -> dict:
     import os
 
@@ -148,9 +159,14 @@ def _bad_inputs(tmp: Path) -> list[tuple[list[str], str]]:
 
 
 def test_bad_input_fails_with_one_message_before_any_worker(tiny_dirs, tmp_path):
-    for extra, message in _bad_inputs(tmp_path):
-        proc = _run([*_small(tiny_dirs["llama"], tmp_path), *extra], tmp_path)
-        assert proc.returncode == 2, (extra, proc.stdout[-2000:], proc.stderr[-2000:])
-        output = proc.stdout + proc.stderr
+    # Started together: each spends its ~10 s importing, which overlaps; the checks then read them in turn.
+    cases = [
+        (extra, message, _start([*_small(tiny_dirs["llama"], tmp_path), *extra], tmp_path))
+        for extra, message in _bad_inputs(tmp_path)
+    ]
+    for extra, message, started in cases:
+        stdout, stderr = started.communicate(timeout=600)
+        assert started.returncode == 2, (extra, stdout[-2000:], stderr[-2000:])
+        output = stdout + stderr
         assert message in output and "Traceback" not in output, (extra, output[-2000:])
         assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "ray").exists()
