@@ -60,12 +60,14 @@ DIRECTION_DATA = [
     "data.baseline.column=instruction",
     "data.baseline.limit=260",
 ]
-ABLITERATE_DEFAULTS = DIRECTION_DATA
+ABLITERATE_DEFAULTS = [*DIRECTION_DATA, "refine.steps=0"]  # the plain stage, as it was measured
 REFINED_DEFAULTS = [
     *DIRECTION_DATA,
     "direction.projected=true",
     "select.kl_limit=0.5",  # refinement lowers the KL of the direction it starts from
     "refine.steps=60",
+    "refine.batch_size=32",
+    "refine.lr=0.02",
     "refine.kl_weight=12",  # 10 left the held-out KL at 0.1003 with 2/39 refused; 12: 0.094, 3/39
     # The refinement runs on one worker: give it both cores.
     "collect.workers=1",

@@ -40,6 +40,7 @@ def french_run(tmp_path_factory, ray_local):
         # answers left, measured) in two thirds of the time.
         "collect.positions=1",
         "score.finalists=8",
+        "refine.steps=0",  # the default refinement was tuned on refusal; this checks the plain removal
         f"mlflow.tracking_uri=sqlite:///{work}/mlflow.db",
         f"output.uri={work}/model",
         f"cache.uri={work}/cache",
