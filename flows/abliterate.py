@@ -122,7 +122,7 @@ def abliterate(cfg: AbliterateConfig, raw: DictConfig) -> dict:
         try:
             # 2-5. Collect activations, form candidates, score them, select one (or take the given one).
             found = find_direction(cfg, pool, spec, concept) if given is None else given
-            if cfg.refine.steps:
+            if cfg.refine.steps and (given is None or cfg.refine.given):
                 found = refine(cfg, pool, concept, found)
             mlflow.log_params({"chosen.layer": found.layer, "chosen.position": found.position})
             tracking.log_tensors(found.tensors(), "chosen.safetensors", found.metadata())

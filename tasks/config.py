@@ -277,6 +277,9 @@ class RefineConfig:
     batch_size: int = 32
     """Prompts of each set per step (drawn with a seeded generator)."""
     seed: int = 0
+    given: bool = False
+    """Also refine a direction given by ``direction.file``. Off: a given direction is removed exactly as
+    given, so that an edit found elsewhere composes unchanged; refinement applies to searched ones."""
 
     def __post_init__(self) -> None:
         _require(self.steps >= 0, f"refine.steps must be >= 0, got {self.steps}")

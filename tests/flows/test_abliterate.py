@@ -147,7 +147,8 @@ def test_tiny_model_search_then_given_direction(tiny_dirs, workdir):
     assert second["found"].source == "file"
     assert (second["found"].layer, second["found"].position) == (found.layer, found.position)
     assert torch.allclose(second["found"].direction, found.direction)
-    assert second["after"].kl == pytest.approx(first["after"].kl, rel=1e-4)
+    # the refined direction is renormalised when it is read back: float32 noise on a KL of ~2e-4
+    assert second["after"].kl == pytest.approx(first["after"].kl, rel=1e-3)
 
     # the direction by MLflow run id: the run's logged directions/chosen.safetensors
     third = run_flow(
