@@ -144,7 +144,7 @@ def test_tiny_model_search_then_given_direction(tiny_dirs, workdir):
             f"direction.file={checkpoint}/direction.safetensors",
         ]
     )
-    assert second["found"].source == "file"
+    assert second["found"].source == "file" and second["found"].refined_steps == 0  # removed as given
     assert (second["found"].layer, second["found"].position) == (found.layer, found.position)
     assert torch.allclose(second["found"].direction, found.direction)
     # the refined direction is renormalised when it is read back: float32 noise on a KL of ~2e-4
@@ -164,6 +164,19 @@ def test_tiny_model_search_then_given_direction(tiny_dirs, workdir):
     # eval.split=val judges the validation prompts, none of the test prompts the report reads
     prompts = [{row["prompt"] for row in run["before"].target.samples} for run in (first, third)]
     assert prompts[1] and not prompts[0] & prompts[1]
+
+    # refine.given=true refines the given direction too: it moves, and the run says so
+    fourth = run_flow(
+        [
+            *_tiny_overrides(tiny_dirs["mixtral"], workdir),
+            f"direction.file={first['run_id']}",
+            "refine.given=true",
+            "refine.steps=2",
+            "output.save=false",
+        ]
+    )
+    assert fourth["found"].refined_steps == 2
+    assert not torch.allclose(fourth["found"].direction, found.direction, atol=1e-4)
 
 
 def test_given_direction_with_sweep_kernels_follows_them(tiny_dirs, workdir):

@@ -118,14 +118,9 @@ def test_multirun_nests_one_run_per_job_under_a_parent(tiny_dirs, tmp_path):
 
 
 def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "flows.finetune", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**_env(), "PYTHONPATH": str(REPO)},
-    )
+    started = _start(args, cwd)
+    stdout, stderr = started.communicate(timeout=600)
+    return subprocess.CompletedProcess(started.args, started.returncode, stdout, stderr)
 
 
 def _start(args: list[str], cwd: Path) -> subprocess.Popen:
