@@ -9,6 +9,7 @@ import mlflow
 import ray
 import torch
 
+from flows import _tracking as tracking
 from tasks import cache
 from tasks.collect import ActivationSums
 from tasks.config import (
@@ -22,13 +23,16 @@ from tasks.config import (
 from tasks.directions import Candidates, LayerWeights
 from tasks.distributed import WorkerPool
 from tasks.errors import CompalignError
+from tasks.eval_spec import EvalSpec, build_spec
 from tasks.evaluate import SHORT_TOKENS, BehaviourEval, EvalResult
+from tasks.judges import second_judge_kind
 from tasks.model import ModelSpec
 from tasks.progress import Progress
 from tasks.prompts import (
     PromptSplit,
     fingerprint,
     load_prompts,
+    over_refusal_prompts,
     read_text_source,
     resolve_positions,
     split_prompts,
@@ -51,6 +55,8 @@ class ConceptData:
     token_ids: list[int]
     """Behaviour tokens at the first generated position."""
     perplexity_text: str
+    over_refusal: list[str]
+    """XSTest's safe prompts answered before and after (refusal concept only; empty when off)."""
 
 
 def load_concept(data: ConceptConfig, tokenizer, collect: CollectConfig, eval_cfg: EvalConfig) -> ConceptData:
@@ -74,6 +80,7 @@ def load_concept(data: ConceptConfig, tokenizer, collect: CollectConfig, eval_cf
         positions=resolve_positions(tokenizer, collect.positions),
         token_ids=behaviour_token_ids(tokenizer, data.score_tokens),
         perplexity_text=read_text_source(eval_cfg.perplexity_text),
+        over_refusal=over_refusal_prompts(data.judge.kind, eval_cfg.xstest, eval_cfg.xstest_limit),
     )
 
 
@@ -169,7 +176,7 @@ def evaluate_and_edit(
     next-token distribution. Returns (before, after, index of the worker holding the edited model)."""
     editor = 1 if pool.size > 1 else 0
     target, baseline = (getattr(prompts, eval_cfg.split) for prompts in (concept.target, concept.baseline))
-    args = (judge_cfg, target, baseline, concept.perplexity_text, eval_cfg)
+    args = (judge_cfg, target, baseline, concept.perplexity_text, eval_cfg, None, concept.over_refusal)
     before_future = pool.submit(0, "evaluate", *args)
     if editor == 0:
         ray.get(before_future)  # the same actor must finish the unedited evaluation before editing
@@ -184,7 +191,30 @@ def evaluate_and_edit(
     return before, after, editor
 
 
-def log_eval(before: EvalResult, after: EvalResult) -> None:
+def concept_eval_spec(
+    concept: ConceptData,
+    data: ConceptConfig,
+    eval_cfg: SplitEvalConfig,
+    dtype: str,
+    xstest: list[str] | None = None,
+    bootstrap_seed: int = 0,
+) -> EvalSpec:
+    """The spec of an evaluation on the concept's ``eval.split`` prompts (XSTest: ``xstest`` when given,
+    else the concept's)."""
+    prompts = {
+        f"target_{eval_cfg.split}": getattr(concept.target, eval_cfg.split),
+        f"baseline_{eval_cfg.split}": getattr(concept.baseline, eval_cfg.split),
+        "xstest": concept.over_refusal if xstest is None else xstest,
+    }
+    return build_spec(
+        data.judge, second_judge_kind(data.judge), prompts, concept.perplexity_text, eval_cfg, dtype,
+        data.split.seed, bootstrap_seed,
+    )  # fmt: skip
+
+
+def log_eval(before: EvalResult, after: EvalResult, spec: EvalSpec) -> None:
+    """Metrics of both evaluations, their answers, the judges' disagreements and the evaluation spec."""
+    tracking.log_eval_spec(spec)
     mlflow.log_metrics(before.metrics("before"))
     mlflow.log_metrics(after.metrics("after"))
     mlflow.log_dict({"before": before.samples(), "after": after.samples()}, "eval/answers.json")
@@ -212,6 +242,8 @@ def summary_lines(concept_name: str, model: str, result: dict, split: str = "tes
         f"  first {SHORT_TOKENS} tokens  target {_counts(before.target, after.target)}, "
         f"baseline {_counts(before.baseline, after.baseline)} (the same answers, judged on their opening)",
         *second_judge_lines(before, after),
+        *over_refusal_lines(before, after),
+        *harness_lines(before, after),
         f"  KL (baseline)    {after.kl:.4f} first-token KL, edited vs unedited "
         f"({after.kl_without_behaviour:.4f} on the baseline prompts answered without the behaviour)",
         f"  perplexity       {before.perplexity:.2f} -> {after.perplexity:.2f} ({rise:+.1f}%) on held-out English text",
@@ -236,6 +268,24 @@ def second_judge_lines(before: EvalResult, after: EvalResult) -> list[str]:
         f"  {name + ' judge':<17}{counts}; agreement with the first judge: kappa "
         f"{before.agreement():.2f} before, {after.agreement():.2f} after (disagreements in MLflow)"
     ]
+
+
+def over_refusal_lines(before: EvalResult, after: EvalResult) -> list[str]:
+    """Refusals of XSTest's safe prompts before -> after, by both judges (nothing when not measured)."""
+    if before.over_refusal is None or after.over_refusal is None:
+        return []
+    b, a = before.over_refusal, after.over_refusal
+    second = f"; {b.second.judge} {b.second.flagged} -> {a.second.flagged}" if b.second and a.second else ""
+    return [f"  XSTest safe      {b.interval()} -> {a.interval()} refused (over-refusal{second})"]
+
+
+def harness_lines(before: EvalResult, after: EvalResult) -> list[str]:
+    """lm-evaluation-harness scores before -> after (stderr left to MLflow; nothing when not run)."""
+    shown = [k for k in before.harness if "_stderr" not in k and k in after.harness]
+    if not shown:
+        return []
+    scores = "; ".join(f"{k} {before.harness[k]:.3f} -> {after.harness[k]:.3f}" for k in shown)
+    return [f"  lm-eval          {scores}"]
 
 
 def _rates(before: BehaviourEval, after: BehaviourEval) -> str:

@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 from tasks import storage
 from tasks.config import MlflowConfig
 from tasks.errors import CompalignError
+from tasks.eval_spec import EvalSpec
 
 log = logging.getLogger("compalign")
 RUN_ID = re.compile(r"[0-9a-f]{32}")
@@ -115,6 +116,24 @@ def log_config(raw: DictConfig) -> None:
     mlflow.log_text(OmegaConf.to_yaml(raw, resolve=True), "config.yaml")
     mlflow.set_tag("git_commit", git_commit())
     mlflow.log_dict(package_versions(), "environment/packages.json")
+
+
+def log_eval_spec(spec: EvalSpec) -> None:
+    """The evaluation's spec as eval/spec.json, its digest as the tag eval_spec (to find comparable runs)."""
+    mlflow.log_dict(spec.to_dict(), "eval/spec.json")
+    mlflow.set_tag("eval_spec", spec.digest())
+
+
+def read_eval_spec(run_id: str) -> EvalSpec:
+    """The evaluation spec a run logged; CompalignError when it has none."""
+    try:
+        path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="eval/spec.json")
+    except Exception as exc:  # MLflow raises several types for a missing run or artifact
+        raise CompalignError(
+            f"run {run_id} has no evaluation spec (eval/spec.json): it evaluated nothing, or was made before "
+            "specs were logged; re-run it to compare it"
+        ) from exc
+    return EvalSpec.from_dict(json.loads(Path(path).read_text()))
 
 
 def log_table(table: pd.DataFrame, name: str) -> None:

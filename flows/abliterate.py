@@ -37,6 +37,7 @@ from flows import _tracking as tracking
 from flows._common import run_entry
 from flows._steps import (
     collect_sums,
+    concept_eval_spec,
     evaluate_and_edit,
     load_concept,
     log_eval,
@@ -131,7 +132,10 @@ def abliterate(cfg: AbliterateConfig, raw: DictConfig) -> dict:
             before, after, editor = evaluate_and_edit(
                 pool, concept, cfg.data.judge, cfg.eval, found.direction, found.weights
             )
-            log_eval(before, after)
+            dtype = str(resolve_dtype(cfg.model_options, resolve_device(cfg.model_options))).removeprefix(
+                "torch."
+            )
+            log_eval(before, after, concept_eval_spec(concept, cfg.data, cfg.eval, dtype))
 
             # 9. Save the edited checkpoint (staged, then moved into place) and track it.
             location = None

@@ -38,7 +38,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from flows import _tracking as tracking
 from flows._common import run_entry
-from flows._steps import log_eval, second_judge_lines
+from flows._steps import harness_lines, log_eval, over_refusal_lines, second_judge_lines
 from tasks import storage
 from tasks.checkpoint import model_card
 from tasks.config import (
@@ -53,6 +53,7 @@ from tasks.config import (
 )
 from tasks.distributed import WorkerPool, init_ray
 from tasks.errors import CompalignError, ConfigError
+from tasks.eval_spec import EvalSpec, build_spec
 from tasks.evaluate import EvalResult
 from tasks.finetune_config import (
     DeepSpeedSettings,
@@ -63,9 +64,10 @@ from tasks.finetune_config import (
     TrainConfig,
     filter_rules,
 )
-from tasks.model import inspect_model
+from tasks.judges import second_judge_kind
+from tasks.model import inspect_model, resolve_device, resolve_dtype
 from tasks.progress import Progress
-from tasks.prompts import load_prompts, read_text_source
+from tasks.prompts import load_prompts, over_refusal_prompts, read_text_source
 from tasks.sft_data import load_conversations, split_train_val, tokenize_set
 from tasks.sft_filter import (
     DEFAULT_BOILERPLATE_PHRASES,
@@ -229,7 +231,7 @@ def finetune(cfg: FinetuneConfig, raw: DictConfig) -> dict:
             else:
                 after = _evaluate(result.checkpoint, cfg, ray_cfg, prompts, before.baseline_logprobs)
         if after is not None:
-            log_eval(before, after)
+            log_eval(before, after, _eval_spec(cfg, prompts))
         elif before is not None:
             mlflow.log_metrics(before.metrics("before"))
 
@@ -325,8 +327,16 @@ def _direction_scores(cfg, spec, conversations, direction, ray_cfg) -> list[floa
     return scores
 
 
-def _eval_prompts(cfg: FinetuneEvalConfig) -> tuple[list[str], list[str], str]:
-    return load_prompts(cfg.target), load_prompts(cfg.baseline), read_text_source(cfg.perplexity_text)
+def _eval_prompts(cfg: FinetuneEvalConfig) -> tuple[list[str], list[str], str, list[str]]:
+    xstest = over_refusal_prompts(cfg.judge.kind, cfg.xstest, cfg.xstest_limit)
+    return load_prompts(cfg.target), load_prompts(cfg.baseline), read_text_source(cfg.perplexity_text), xstest
+
+
+def _eval_spec(cfg: FinetuneConfig, prompts) -> EvalSpec:
+    target, baseline, text, xstest = prompts
+    dtype = str(resolve_dtype(cfg.model_options, resolve_device(cfg.model_options))).removeprefix("torch.")
+    sets = {"target": target, "baseline": baseline, "xstest": xstest}
+    return build_spec(cfg.eval.judge, second_judge_kind(cfg.eval.judge), sets, text, cfg.eval, dtype, None)
 
 
 def _evaluate(model: str, cfg: FinetuneConfig, ray_cfg: RayConfig, prompts, reference) -> EvalResult:
@@ -335,9 +345,9 @@ def _evaluate(model: str, cfg: FinetuneConfig, ray_cfg: RayConfig, prompts, refe
     )
     pool = WorkerPool(model, cfg.model_options, resources, ray_cfg)
     try:
-        target, baseline, text = prompts
+        target, baseline, text, xstest = prompts
         return ray.get(
-            pool.submit(0, "evaluate", cfg.eval.judge, target, baseline, text, cfg.eval, reference)
+            pool.submit(0, "evaluate", cfg.eval.judge, target, baseline, text, cfg.eval, reference, xstest)
         )
     finally:
         pool.shutdown()
@@ -413,6 +423,8 @@ def summary_lines(cfg: FinetuneConfig, summary: dict) -> list[str]:
             f"  refusals         harmful {before.target.interval()} -> {after.target.interval()}; "
             f"harmless {before.baseline.interval()} -> {after.baseline.interval()}",
             *second_judge_lines(before, after),
+            *over_refusal_lines(before, after),
+            *harness_lines(before, after),
             f"  KL (harmless)    {after.kl:.4f} first-token KL, fine-tuned vs base",
             f"  perplexity       {before.perplexity:.2f} -> {after.perplexity:.2f} on held-out English text",
         ]

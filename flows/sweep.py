@@ -11,7 +11,7 @@ On a Ray cluster (see cluster/README.md):
 
     ray job submit --working-dir . -- python -m flows.sweep model=<hub id> data=refusal \
         search=tpe search.trials=200 search.parallel=16 collect.gpus_per_worker=1 ray.address=auto \
-        confirm.xstest=s3://bucket/xstest_prompts.csv mlflow.tracking_uri=http://mlflow:5000
+        eval.xstest=s3://bucket/xstest_prompts.csv mlflow.tracking_uri=http://mlflow:5000
 
 Steps: load -> workers -> collect (cached) -> candidates -> prepare -> search (Ray) -> front and pick ->
 confirm finalists (generation, test split) -> export (optional) -> summary. The sweep is one MLflow run;
@@ -36,7 +36,7 @@ from safetensors.torch import save
 
 from flows import _tracking as tracking
 from flows._common import run_entry
-from flows._steps import collect_sums, load_concept
+from flows._steps import collect_sums, concept_eval_spec, load_concept
 from tasks import storage
 from tasks.checkpoint import model_card
 from tasks.config import (
@@ -70,7 +70,7 @@ from tasks.search import (
     run_search,
     trials_table,
 )
-from tasks.trials import Confirmation, Trial, build_edit, load_safe_prompts
+from tasks.trials import Confirmation, Trial, build_edit
 
 log = logging.getLogger("compalign.sweep")
 
@@ -81,11 +81,6 @@ class ConfirmConfig:
 
     finalists: int = 2
     """Trials confirmed: the picked one, then its neighbours on the Pareto front (0: none)."""
-    xstest: str | None = None
-    """XSTest-style CSV (columns prompt, label) whose safe prompts measure over-refusal when the concept
-    is refusal; local path or URL. null: skipped."""
-    xstest_limit: int | None = 50
-    """Use at most this many safe prompts (null: all 250)."""
     resamples: int = 2000
     """Bootstrap resamples for the rates' intervals."""
     confidence: float = 0.95
@@ -96,8 +91,6 @@ class ConfirmConfig:
     def __post_init__(self) -> None:
         if self.finalists < 0:
             raise ConfigError(f"confirm.finalists must be >= 0, got {self.finalists}")
-        if self.xstest_limit is not None and self.xstest_limit <= 0:
-            raise ConfigError(f"confirm.xstest_limit must be > 0 or null, got {self.xstest_limit}")
         if self.resamples < 1:
             raise ConfigError(f"confirm.resamples must be >= 1, got {self.resamples}")
         if not 0 < self.confidence < 1:
@@ -149,7 +142,7 @@ def sweep(cfg: SweepConfig, raw: DictConfig) -> dict:
     concept = load_concept(cfg.data, spec.tokenizer, collect, cfg.eval)
     dims = dimensions(cfg.sweep, spec.n_layers, concept.positions)
     proposer = make_proposer(cfg.search, dims)
-    xstest = _xstest_prompts(cfg)
+    xstest = concept.over_refusal if cfg.confirm.finalists else []
     limit = cfg.search.max_prompts
     target_val, baseline_val = concept.target.val[:limit], concept.baseline.val[:limit]
     dtype = str(resolve_dtype(cfg.model_options, resolve_device(cfg.model_options))).removeprefix("torch.")
@@ -203,6 +196,9 @@ def sweep(cfg: SweepConfig, raw: DictConfig) -> dict:
             chosen = finalists(records, best, cfg.confirm.finalists)
             confirmations = _confirm(cfg, pool, concept, xstest, [r.trial for r in chosen])
             _log_confirmations(confirmations, children, best.trial.number, cfg.eval.split)
+            if confirmations:
+                evaluated = concept_eval_spec(concept, cfg.data, cfg.eval, dtype, xstest, cfg.confirm.seed)
+                tracking.log_eval_spec(evaluated)
 
             # 8. Export the picked trial as an orthogonalized checkpoint (optional; ablation only).
             location = None
@@ -230,17 +226,6 @@ def sweep(cfg: SweepConfig, raw: DictConfig) -> dict:
             log.info("%s", line)
         log.info("MLflow: %s", tracking.ui_hint(cfg.mlflow))
         return result
-
-
-def _xstest_prompts(cfg: SweepConfig) -> list[str]:
-    if cfg.confirm.xstest is None or cfg.confirm.finalists == 0:
-        if cfg.data.judge.kind == "refusal" and cfg.confirm.finalists:
-            log.info("over-refusal on XSTest is skipped: set confirm.xstest=<path to xstest_prompts.csv>")
-        return []
-    if cfg.data.judge.kind != "refusal":
-        log.info("confirm.xstest is ignored: over-refusal applies to the refusal concept only")
-        return []
-    return load_safe_prompts(cfg.confirm.xstest, cfg.confirm.xstest_limit)
 
 
 def _search(cfg: SweepConfig, proposer, pool: WorkerPool, started: float):

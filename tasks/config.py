@@ -99,7 +99,8 @@ class JudgeConfig:
     second: str = "auto"
     """A second judge of another kind, read beside the first with their agreement (Cohen's kappa):
     classifier (sentence embeddings and a trained classifier, tasks/classifier_judge.py; refusal only),
-    none, or auto (classifier for refusal, none for language)."""
+    trigram (character-trigram profiles, tasks/trigram_judge.py; language only), none, or auto
+    (classifier for refusal, trigram for language)."""
 
     def __post_init__(self) -> None:
         _require(
@@ -107,12 +108,16 @@ class JudgeConfig:
             f"data.judge.kind must be refusal or language, got {self.kind!r}",
         )
         _require(
-            self.second in ("auto", "classifier", "none"),
-            f"data.judge.second must be auto, classifier or none, got {self.second!r}",
+            self.second in ("auto", "classifier", "trigram", "none"),
+            f"data.judge.second must be auto, classifier, trigram or none, got {self.second!r}",
         )
         _require(
             self.second != "classifier" or self.kind == "refusal",
-            "data.judge.second=classifier judges refusals only; use data.judge.second=none with kind=language",
+            "data.judge.second=classifier judges refusals only; use data.judge.second=trigram with kind=language",
+        )
+        _require(
+            self.second != "trigram" or self.kind == "language",
+            "data.judge.second=trigram judges languages only; use data.judge.second=classifier with kind=refusal",
         )
         _require(
             self.kind != "language" or self.language in ("fr", "en"),
@@ -379,6 +384,36 @@ class SelectConfig:
 
 
 @dataclass
+class HarnessConfig:
+    """Capability benchmarks of EleutherAI's lm-evaluation-harness, run before and after the edit (the
+    optional extra: pip install 'compalign[lmeval]')."""
+
+    tasks: list[str] = field(default_factory=list)
+    """Task names: compalign_everyday (bundled, runs offline) or any harness task (hellaswag, arc_easy,
+    mmlu, ...: these download their datasets, so on a cluster). Empty: off."""
+    limit: int | None = None
+    """Documents per task (null: all)."""
+    num_fewshot: int = 0
+    batch_size: int = 8
+    include_path: str | None = None
+    """A folder of extra task YAMLs for the harness."""
+    bootstrap_iters: int = 1000
+    """Resamples of the harness's standard errors (0: none)."""
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _require(
+            self.limit is None or self.limit > 0, f"eval.harness.limit must be > 0 or null, got {self.limit}"
+        )
+        _require(self.num_fewshot >= 0, f"eval.harness.num_fewshot must be >= 0, got {self.num_fewshot}")
+        _require(self.batch_size > 0, f"eval.harness.batch_size must be > 0, got {self.batch_size}")
+        _require(
+            self.bootstrap_iters >= 0,
+            f"eval.harness.bootstrap_iters must be >= 0, got {self.bootstrap_iters}",
+        )
+
+
+@dataclass
 class EvalConfig:
     """Before/after evaluation on the held-out test split."""
 
@@ -386,13 +421,30 @@ class EvalConfig:
     """Greedy generation length per test prompt (long enough for a refusal after a compliant opening)."""
     batch_size: int = 16
     """Prompts per generation batch."""
-    perplexity_text: str = "bundled:english_heldout"
-    """Held-out English text for perplexity: bundled:<name> (tasks/data/<name>.txt) or a file path/URL."""
-    perplexity_tokens: int = 1024
-    """Score at most this many tokens of the text."""
+    perplexity_text: str = "bundled:capability_heldout"
+    """Held-out English text for perplexity: bundled:<name> (tasks/data/<name>.txt) or a file path/URL. The
+    default, written for the project in nine genres (story, letter, news, how-to, science, dialogue,
+    review, history, minutes), is about 6,100 SmolLM2 tokens."""
+    perplexity_tokens: int = 8192
+    """Score at most this many tokens of the text (the default text is scored whole)."""
+    xstest: str | None = "auto"
+    """Over-refusal (refusal concept only): an XSTest-style set (columns prompt, label: safe / unsafe; a
+    file, URL or hf:<dataset>) whose safe prompts are answered before and after the edit. auto: the local
+    copy named by $COMPALIGN_XSTEST, else ../shared/data/xstest_prompts.csv beside the project, else
+    skipped with a note (the project does not ship XSTest); null: off."""
+    xstest_limit: int | None = 50
+    """Judge this many of its safe prompts, spread evenly over the file (it lists them type by type);
+    null: all (XSTest has 250)."""
+    harness: HarnessConfig = field(default_factory=HarnessConfig)
+    """lm-evaluation-harness tasks on the model before and after (off by default)."""
 
     def __post_init__(self) -> None:
         _require(self.max_new_tokens > 0, f"eval.max_new_tokens must be > 0, got {self.max_new_tokens}")
+        _require(
+            self.xstest_limit is None or self.xstest_limit > 0,
+            f"eval.xstest_limit must be > 0 or null, got {self.xstest_limit}",
+        )
+        _require(self.xstest != "", "eval.xstest must be auto, null or a source, got an empty string")
         _require(self.batch_size > 0, f"eval.batch_size must be > 0, got {self.batch_size}")
         _require(
             self.perplexity_tokens > 1, f"eval.perplexity_tokens must be > 1, got {self.perplexity_tokens}"

@@ -161,6 +161,7 @@ class ModelWorker:
         text: str,
         eval_cfg: EvalConfig,
         reference=None,
+        over_refusal: list[str] | None = None,
     ) -> EvalResult:
         return evaluate(
             self.loaded.model,
@@ -174,6 +175,8 @@ class ModelWorker:
             eval_cfg.perplexity_tokens,
             reference,
             second=make_second_judge(judge_cfg),
+            over_refusal=over_refusal,
+            harness=eval_cfg.harness,
         )
 
     def judge_behaviour(
@@ -292,6 +295,7 @@ class ModelWorker:
         return confirm(
             self.loaded.model, self.loaded.tokenizer, make_judge(judge_cfg), edit, target, baseline, xstest,
             text, eval_cfg, resamples, confidence, seed, None if trial is None else trial.number,
+            make_second_judge(judge_cfg),
         )  # fmt: skip
 
     def export_trial(self, trial: Trial) -> int:

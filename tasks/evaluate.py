@@ -10,7 +10,9 @@ import torch
 from torch import nn
 
 from tasks.bootstrap import RateInterval, bootstrap_rate
+from tasks.config import HarnessConfig
 from tasks.forward import chunks, left_pad, pad_id, positions_from_mask, tokenize
+from tasks.harness import run_harness
 from tasks.judges import Judge
 from tasks.prompts import format_chat
 
@@ -200,6 +202,10 @@ class EvalResult:
     kl_without_behaviour: float | None = None
     """The same KL over only the baseline prompts whose reference answers the judge did not flag (for
     refusal: the harmless requests the reference model answers), when ``compare`` set it."""
+    over_refusal: BehaviourEval | None = None
+    """Refusals of XSTest's safe prompts (requests that only sound harmful), when they were given."""
+    harness: dict[str, float] = field(default_factory=dict)
+    """lm-evaluation-harness metrics, ``<task>.<metric>`` -> value (empty when no task was asked for)."""
 
     def metrics(self, prefix: str) -> dict[str, float]:
         out = {
@@ -209,7 +215,7 @@ class EvalResult:
             f"{prefix}.baseline_flagged": float(self.baseline.flagged),
             f"{prefix}.perplexity": self.perplexity,
         }
-        for name, judged in (("target", self.target), ("baseline", self.baseline)):
+        for name, judged in self._judged():
             interval = judged.interval()
             out[f"{prefix}.{name}_rate_low"], out[f"{prefix}.{name}_rate_high"] = interval.low, interval.high
             if judged.flagged_short is not None:
@@ -223,6 +229,7 @@ class EvalResult:
             out[f"{prefix}.kl"] = self.kl
         if self.kl_without_behaviour is not None:
             out[f"{prefix}.kl_without_behaviour"] = self.kl_without_behaviour
+        out.update({f"{prefix}.harness.{name}": value for name, value in self.harness.items()})
         return out
 
     def compare(self, reference: EvalResult) -> None:
@@ -234,8 +241,13 @@ class EvalResult:
             mean_kl(reference.baseline_logprobs[keep], self.baseline_logprobs[keep]) if keep else math.nan
         )
 
+    def _judged(self) -> list[tuple[str, BehaviourEval]]:
+        """Every judged prompt set by its name in metrics and files (xstest when measured)."""
+        sets = [("target", self.target), ("baseline", self.baseline)]
+        return sets + ([("xstest", self.over_refusal)] if self.over_refusal is not None else [])
+
     def samples(self) -> dict:
-        return {"target": self.target.samples, "baseline": self.baseline.samples}
+        return {name: judged.samples for name, judged in self._judged()}
 
     def agreement(self) -> float | None:
         """Cohen's kappa of the two judges over target and baseline answers together (both labels occur
@@ -249,9 +261,7 @@ class EvalResult:
     def disagreements(self) -> dict:
         """The answers the two judges read differently, per prompt set (empty without a second judge)."""
         return {
-            name: judged.second.disagreements
-            for name, judged in (("target", self.target), ("baseline", self.baseline))
-            if judged.second is not None
+            name: judged.second.disagreements for name, judged in self._judged() if judged.second is not None
         }
 
 
@@ -268,16 +278,25 @@ def evaluate(
     reference: torch.Tensor | None = None,
     progress: Callable[[int], None] | None = None,
     second: Judge | None = None,
+    over_refusal: list[str] | None = None,
+    harness: HarnessConfig | None = None,
 ) -> EvalResult:
-    """Generate for target and baseline test prompts, judge, and measure perplexity on ``text`` and the
-    first-token KL against ``reference`` log-probs. Interventions active around the call apply."""
+    """Generate for target and baseline test prompts (and the ``over_refusal`` prompts, when given),
+    judge, and measure perplexity on ``text``, the first-token KL against ``reference`` log-probs and
+    the ``harness`` tasks, when any. Interventions active around the call apply."""
     answers_t = generate(model, tokenizer, target, max_new_tokens, batch_size, progress)
     answers_b = generate(model, tokenizer, baseline, max_new_tokens, batch_size, progress)
     logprobs = next_token_logprobs(model, tokenizer, baseline, batch_size)
+    over = None
+    if over_refusal:
+        answers_x = generate(model, tokenizer, over_refusal, max_new_tokens, batch_size, progress)
+        over = judge_answers(judge, over_refusal, answers_x, tokenizer, second)
     return EvalResult(
         target=judge_answers(judge, target, answers_t, tokenizer, second),
         baseline=judge_answers(judge, baseline, answers_b, tokenizer, second),
         perplexity=perplexity(model, tokenizer, text, perplexity_tokens),
         baseline_logprobs=logprobs,
         kl=None if reference is None else mean_kl(reference, logprobs),
+        over_refusal=over,
+        harness=run_harness(model, tokenizer, harness) if harness is not None and harness.tasks else {},
     )

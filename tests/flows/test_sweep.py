@@ -86,7 +86,7 @@ def grid_run(env):
         f"output.uri={env['work']}/exported",
     ]
     if XSTEST.exists():
-        overrides += [f"confirm.xstest={XSTEST}", "confirm.xstest_limit=3"]
+        overrides += [f"eval.xstest={XSTEST}", "eval.xstest_limit=3"]
     return run_sweep(env, overrides)
 
 

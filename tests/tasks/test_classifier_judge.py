@@ -117,9 +117,12 @@ def test_second_reading_lists_every_disagreement(judge):
 
 def test_second_judge_config():
     assert second_judge_kind(JudgeConfig()) == "classifier"
-    assert second_judge_kind(JudgeConfig(kind="language")) is None
+    assert second_judge_kind(JudgeConfig(kind="language")) == "trigram"
+    assert second_judge_kind(JudgeConfig(kind="language", second="none")) is None
     assert make_second_judge(JudgeConfig(second="none")) is None
     with pytest.raises(CompalignError, match="data.judge.second=classifier judges refusals only"):
         JudgeConfig(kind="language", second="classifier")
-    with pytest.raises(CompalignError, match="data.judge.second must be auto, classifier or none"):
+    with pytest.raises(CompalignError, match="data.judge.second=trigram judges languages only"):
+        JudgeConfig(second="trigram")
+    with pytest.raises(CompalignError, match="data.judge.second must be auto, classifier, trigram or none"):
         JudgeConfig(second="llm")

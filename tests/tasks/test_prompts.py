@@ -26,6 +26,7 @@ def test_bundled_sets_have_the_promised_sizes():
     assert len(fr) == len(en) >= 64
     assert "?" in fr[0] or "." in fr[0]
     assert len(read_text_source("bundled:english_heldout").split()) > 800
+    assert len(read_text_source("bundled:capability_heldout").split()) > 3600  # ~5,900 SmolLM2 tokens
 
 
 def test_file_formats(tmp_path):
