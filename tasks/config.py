@@ -432,10 +432,10 @@ class EvalConfig:
     file, URL or hf:<dataset>) whose safe prompts are answered before and after the edit. auto: the local
     copy named by $COMPALIGN_XSTEST, else ../shared/data/xstest_prompts.csv beside the project, else
     skipped with a note (the project does not ship XSTest); null: off."""
-    xstest_limit: int | None = 30
-    """Judge this many of its safe prompts, spread evenly over the file (it lists them type by type; 30:
-    three of each of its ten types); null: all 250. 50 added about 150 s to the default abliterate run
-    on 2 cores, past its 6 minutes."""
+    xstest_limit: int | None = 20
+    """Judge this many of its safe prompts, spread evenly over the file (it lists them type by type; 20:
+    two of each of its ten types); null: all 250. Each prompt costs about 3 s before and after on 2 cores:
+    50 took the default abliterate run past its 6 minutes."""
     harness: HarnessConfig = field(default_factory=HarnessConfig)
     """lm-evaluation-harness tasks on the model before and after (off by default)."""
 

@@ -292,8 +292,6 @@ class FinetuneEvalConfig(EvalConfig):
     """Contrast prompts (harmless requests: over-refusal, and the KL reference)."""
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     """How an answer is judged (refusal phrases by default)."""
-    xstest_limit: int | None = 20
-    """XSTest safe prompts judged (two of each type), in proportion to the 16 + 16 prompts above."""
     cpus_per_worker: float = 2
     """CPUs of the Ray actor that evaluates (its torch threads on CPU: evaluation runs alone, between the
     training runs, so it may take what the two default training workers use)."""
