@@ -66,7 +66,7 @@ from tasks.config import (
 from tasks.directions import LayerWeights, difference_of_means, load_direction, load_layer_weights
 from tasks.distributed import WorkerPool
 from tasks.errors import CompalignError
-from tasks.model import inspect_model, resolve_device, resolve_dtype
+from tasks.model import dtype_name, inspect_model
 from tasks.plots import score_heatmaps
 from tasks.progress import Progress
 from tasks.select import choose, rank_candidates
@@ -132,9 +132,7 @@ def abliterate(cfg: AbliterateConfig, raw: DictConfig) -> dict:
             before, after, editor = evaluate_and_edit(
                 pool, concept, cfg.data.judge, cfg.eval, found.direction, found.weights
             )
-            dtype = str(resolve_dtype(cfg.model_options, resolve_device(cfg.model_options))).removeprefix(
-                "torch."
-            )
+            dtype = dtype_name(cfg.model_options)
             log_eval(before, after, concept_eval_spec(concept, cfg.data, cfg.eval, dtype))
 
             # 9. Save the edited checkpoint (staged, then moved into place) and track it.
@@ -221,7 +219,7 @@ def find_direction(cfg: AbliterateConfig, pool: WorkerPool, spec, concept) -> Fo
         mlflow.log_metric("val.unedited_behaviour_rate", flagged / total)
 
     # 2. Collect residual activation sums on the train split (sharded on Ray; cached by content).
-    dtype = str(resolve_dtype(cfg.model_options, resolve_device(cfg.model_options))).removeprefix("torch.")
+    dtype = dtype_name(cfg.model_options)
     target_sums, baseline_sums, cached = collect_sums(pool, spec, concept, cfg.collect, cfg.cache.uri, dtype)
     mlflow.set_tag("activation_cache", "hit" if cached else "miss")
 

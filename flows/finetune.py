@@ -65,7 +65,7 @@ from tasks.finetune_config import (
     filter_rules,
 )
 from tasks.judges import second_judge_kind
-from tasks.model import inspect_model, resolve_device, resolve_dtype
+from tasks.model import dtype_name, inspect_model
 from tasks.progress import Progress
 from tasks.prompts import load_prompts, over_refusal_prompts, read_text_source
 from tasks.sft_data import load_conversations, split_train_val, tokenize_set
@@ -334,7 +334,7 @@ def _eval_prompts(cfg: FinetuneEvalConfig) -> tuple[list[str], list[str], str, l
 
 def _eval_spec(cfg: FinetuneConfig, prompts) -> EvalSpec:
     target, baseline, text, xstest = prompts
-    dtype = str(resolve_dtype(cfg.model_options, resolve_device(cfg.model_options))).removeprefix("torch.")
+    dtype = dtype_name(cfg.model_options)
     sets = {"target": target, "baseline": baseline, "xstest": xstest}
     return build_spec(cfg.eval.judge, second_judge_kind(cfg.eval.judge), sets, text, cfg.eval, dtype, None)
 

