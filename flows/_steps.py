@@ -36,6 +36,7 @@ from tasks.prompts import (
     read_text_source,
     resolve_positions,
     split_prompts,
+    with_validation,
 )
 from tasks.score import CandidateScore, behaviour_token_ids, build_candidates, scorable_layers
 from tasks.select import pick_finalists
@@ -63,6 +64,13 @@ def load_concept(data: ConceptConfig, tokenizer, collect: CollectConfig, eval_cf
     """Load and split both prompt sets; fail early on anything that would fail later."""
     target = split_prompts(load_prompts(data.target), data.split, f"target set {data.target.source}")
     baseline = split_prompts(load_prompts(data.baseline), data.split, f"baseline set {data.baseline.source}")
+    if (validation := data.validation.sources()) is not None:  # fit on one source, select on another
+        target = with_validation(
+            target, load_prompts(validation[0]), f"data.validation.target {validation[0].source}"
+        )
+        baseline = with_validation(
+            baseline, load_prompts(validation[1]), f"data.validation.baseline {validation[1].source}"
+        )
     for name, part in (("target", target), ("baseline", baseline)):
         if len(part.train) < collect.workers:
             raise CompalignError(

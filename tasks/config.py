@@ -146,6 +146,38 @@ class SplitConfig:
 
 
 @dataclass
+class ValidationSets:
+    """Validation prompts from another source than the train prompts (both or neither). Selection then
+    reads how an edit fitted on one source carries over to another; the train sets' own validation part
+    joins their train part, and their test part stays the held-out report set."""
+
+    target: str | None = None
+    """Source of the target prompts to score and select on (formats as data.target.source)."""
+    baseline: str | None = None
+    """Source of the baseline prompts to score and select on."""
+    target_column: str = "prompt"
+    baseline_column: str = "prompt"
+    limit: int | None = None
+    """Keep only the first N prompts of each."""
+
+    def __post_init__(self) -> None:
+        _require(
+            (self.target is None) == (self.baseline is None),
+            "data.validation.target and data.validation.baseline go together: set both sources or neither",
+        )
+        _require(self.limit is None or self.limit > 0, f"data.validation.limit must be > 0, got {self.limit}")
+
+    def sources(self) -> tuple[PromptSource, PromptSource] | None:
+        """(target, baseline) prompt sources, or None when off."""
+        if self.target is None or self.baseline is None:
+            return None
+        return (
+            PromptSource(self.target, self.target_column, limit=self.limit),
+            PromptSource(self.baseline, self.baseline_column, limit=self.limit),
+        )
+
+
+@dataclass
 class ConceptConfig:
     """A concept: two contrastive prompt sets, how its behaviour is scored and how it is judged."""
 
@@ -160,6 +192,7 @@ class ConceptConfig:
     log-odds of their summed probability."""
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
+    validation: ValidationSets = field(default_factory=ValidationSets)
     model: str | None = None
     """The model a flow uses for this concept when its top-level ``model`` is null (refusal: the packaged
     model taught to refuse, since the plain one barely refuses); null: packaged:smollm2."""

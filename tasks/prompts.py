@@ -157,6 +157,19 @@ def split_prompts(prompts: list[str], cfg: SplitConfig, what: str = "prompt set"
     )
 
 
+def with_validation(split: PromptSplit, val: list[str], what: str) -> PromptSplit:
+    """The split with ``val`` as its validation part, its own validation part joining train (to fit on
+    one source and select on another). A validation prompt that is also a train or test prompt is
+    refused: selection would read it twice."""
+    overlap = set(val) & set(split.train + split.val + split.test)
+    if overlap:
+        raise CompalignError(
+            f"{what} shares {len(overlap)} prompts with the set it validates (first: {sorted(overlap)[0][:60]!r}); "
+            "give validation prompts of another source"
+        )
+    return PromptSplit(train=split.train + split.val, val=list(val), test=split.test)
+
+
 def _min_size(cfg: SplitConfig) -> int:
     n = 3
     while min(round(n * cfg.test), round(n * cfg.val), n - round(n * cfg.test) - round(n * cfg.val)) < 1:

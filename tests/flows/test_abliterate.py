@@ -17,11 +17,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from flows._common import run_entry, to_config
 from flows.abliterate import AbliterateConfig, abliterate
 from flows.compare import CompareConfig, compare
+from tasks.config import PromptSource, SplitConfig
 from tasks.errors import CompalignError
 from tasks.evaluate import generate
 from tasks.hooks import Ablation, intervene
 from tasks.judges import LanguageJudge
-from tasks.prompts import format_chat
+from tasks.prompts import fingerprint, format_chat, load_prompts, split_prompts
 from tests.conftest import REPO, compose
 
 pytestmark = pytest.mark.usefixtures("ray_local")
@@ -249,10 +250,25 @@ def test_refined_direction_is_removed_and_tracked(tiny_dirs, workdir):
     from safetensors.torch import load_file
 
     model_dir = tiny_dirs["llama"]
-    result = run_flow([*_tiny_overrides(model_dir, workdir), "refine.steps=4", "refine.batch_size=4"])
+    # Selected on prompts of another source than the 16 it is fitted on (here: later rows of the files).
+    fr, en = (load_prompts(PromptSource(f"bundled:french_{lang}"))[40:46] for lang in ("fr", "en"))
+    for name, rows in (("val_fr", fr), ("val_en", en)):
+        (workdir / f"{name}.jsonl").write_text("".join(json.dumps({"prompt": r}) + "\n" for r in rows))
+    validation = [
+        f"data.validation.target={workdir}/val_fr.jsonl",
+        f"data.validation.baseline={workdir}/val_en.jsonl",
+    ]
+    result = run_flow(
+        [*_tiny_overrides(model_dir, workdir), *validation, "refine.steps=4", "refine.batch_size=4"]
+    )
     found = result["found"]
     assert found.refined_steps == 4 and found.source == "search"
     client = MlflowClient(f"sqlite:///{workdir}/mlflow.db")
+    params = client.get_run(result["run_id"]).data.params
+    assert params["fingerprint.target_val"] == fingerprint(fr)
+    assert params["fingerprint.baseline_val"] == fingerprint(en)
+    train_split = split_prompts(load_prompts(PromptSource("bundled:french_fr", limit=16)), SplitConfig())
+    assert params["fingerprint.target_train"] == fingerprint(train_split.train + train_split.val)
     history = client.get_metric_history(result["run_id"], "refine.loss")
     assert [m.step for m in history] == [0, 1, 2, 3]
     unrefined = load_file(client.download_artifacts(result["run_id"], "directions/unrefined.safetensors"))

@@ -15,6 +15,7 @@ from tasks.prompts import (
     split_prompts,
     suffix_positions,
     template_suffix,
+    with_validation,
 )
 
 
@@ -103,3 +104,28 @@ def test_positions_come_from_the_chat_template(tokenizer):
     assert resolve_positions(tokenizer, 2) == 2
     with pytest.raises(CompalignError, match="only 6 tokens after the user's message"):
         resolve_positions(tokenizer, n + 1)
+
+
+def test_validation_of_another_source_replaces_the_val_part():
+    prompts = [f"train prompt {i}" for i in range(12)]
+    split = split_prompts(prompts, SplitConfig(val=0.25, test=0.25, seed=3))
+    other = [f"other source {i}" for i in range(5)]
+    moved = with_validation(split, other, "data.validation.target x.jsonl")
+    assert moved.val == other and moved.test == split.test
+    assert moved.train == split.train + split.val  # nothing of the train source is lost or reported twice
+    with pytest.raises(CompalignError, match=r"data.validation.target x.jsonl shares 1 prompts"):
+        with_validation(split, [*other, split.test[0]], "data.validation.target x.jsonl")
+
+
+def test_validation_sets_go_together():
+    from tasks.config import ValidationSets
+    from tasks.errors import ConfigError
+
+    assert ValidationSets().sources() is None
+    target, baseline = ValidationSets(
+        target="a.jsonl", baseline="b.csv", baseline_column="text", limit=4
+    ).sources()
+    assert (target.source, target.column, target.limit) == ("a.jsonl", "prompt", 4)
+    assert (baseline.source, baseline.column) == ("b.csv", "text")
+    with pytest.raises(ConfigError, match="data.validation.target and data.validation.baseline go together"):
+        ValidationSets(target="a.jsonl")
