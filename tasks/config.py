@@ -100,17 +100,34 @@ class JudgeConfig:
     """A second judge of another kind, read beside the first with their agreement (Cohen's kappa):
     classifier (sentence embeddings and a trained classifier, tasks/classifier_judge.py; refusal only),
     trigram (character-trigram profiles, tasks/trigram_judge.py; language only), none, or auto
-    (classifier for refusal, trigram for language)."""
+    (classifier for refusal, trigram for language), or hub:<model id or local directory>: a judge model
+    (a sequence classifier, or a HarmBench/LlamaGuard-style causal LM) run on the evaluating worker's
+    device (tasks/hub_judge.py; the hub_* keys below)."""
+    hub_flag: str = ""
+    """hub judges: the classifier label (or, for a causal LM judge, the answer word) meaning the behaviour
+    is shown. Empty: the label holding "refus" (refusal) or named by the language code (language)."""
+    hub_other: str = ""
+    """hub causal LM judges: the competing answer word (flagged when hub_flag's first token is likelier)."""
+    hub_template: str = ""
+    """hub causal LM judges: the judge's prompt, with {prompt} and {response}; empty: its chat template."""
+    hub_revision: str | None = None
+    """hub judges: the hub revision (branch, tag or commit) of the judge model."""
+    hub_batch_size: int = 16
+    hub_max_length: int = 1024
+    """hub judges: tokens of the (prompt, response) input kept (longer inputs are cut)."""
 
     def __post_init__(self) -> None:
         _require(
             self.kind in ("refusal", "language"),
             f"data.judge.kind must be refusal or language, got {self.kind!r}",
         )
+        hub = self.second.startswith("hub:")
         _require(
-            self.second in ("auto", "classifier", "trigram", "none"),
-            f"data.judge.second must be auto, classifier, trigram or none, got {self.second!r}",
+            self.second in ("auto", "classifier", "trigram", "none") or (hub and len(self.second) > 4),
+            f"data.judge.second must be auto, classifier, trigram, none or hub:<model id or path>, got {self.second!r}",
         )
+        _require(self.hub_batch_size > 0, f"data.judge.hub_batch_size must be > 0, got {self.hub_batch_size}")
+        _require(self.hub_max_length > 0, f"data.judge.hub_max_length must be > 0, got {self.hub_max_length}")
         _require(
             self.second != "classifier" or self.kind == "refusal",
             "data.judge.second=classifier judges refusals only; use data.judge.second=trigram with kind=language",

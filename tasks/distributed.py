@@ -174,7 +174,7 @@ class ModelWorker:
             eval_cfg.batch_size,
             eval_cfg.perplexity_tokens,
             reference,
-            second=make_second_judge(judge_cfg),
+            second=make_second_judge(judge_cfg, self.loaded.model.device),
             over_refusal=over_refusal,
             harness=eval_cfg.harness,
         )
@@ -295,7 +295,7 @@ class ModelWorker:
         return confirm(
             self.loaded.model, self.loaded.tokenizer, make_judge(judge_cfg), edit, target, baseline, xstest,
             text, eval_cfg, resamples, confidence, seed, None if trial is None else trial.number,
-            make_second_judge(judge_cfg),
+            make_second_judge(judge_cfg, self.loaded.model.device),
         )  # fmt: skip
 
     def export_trial(self, trial: Trial) -> int:

@@ -94,13 +94,18 @@ def judge_versions(cfg: JudgeConfig, second: str | None) -> dict[str, str]:
         words = {lang: sorted(ws) for lang, ws in FUNCTION_WORDS.items()}
         out = {f"language_{cfg.language}": f"function-words-{_digest(json.dumps(words))}"}
     if second is not None:
-        out[second] = _second_judge_version(second)
+        out["hub" if second.startswith("hub:") else second] = _second_judge_version(second, cfg)
     return out
 
 
-def _second_judge_version(kind: str) -> str:
+def _second_judge_version(kind: str, cfg: JudgeConfig) -> str:
     """Second judges are fitted wherever they are built: a version is the digest of their code and the
-    data they are fitted on (and, for the classifier, its encoder package's version)."""
+    data they are fitted on (and, for the classifier, its encoder package's version); a judge model's is
+    its content digest or hub commit (tasks/hub_judge.py)."""
+    if kind.startswith("hub:"):
+        from tasks.hub_judge import hub_judge_version
+
+        return hub_judge_version(cfg)
     if kind not in _SECOND_JUDGE_SOURCES:
         raise CompalignError(f"no version is known for a second judge of kind {kind!r}")
     root = Path(__file__).parent

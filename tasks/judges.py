@@ -253,7 +253,7 @@ def make_judge(cfg: JudgeConfig) -> Judge:
 
 def second_judge_kind(cfg: JudgeConfig) -> str | None:
     """The second judge's kind (None for none): auto means the classifier for refusals, character
-    trigrams for a language."""
+    trigrams for a language; a judge model is its ``hub:<id>``."""
     kind = {"auto": "classifier" if cfg.kind == "refusal" else "trigram"}.get(cfg.second, cfg.second)
     return None if kind == "none" else kind
 
@@ -272,9 +272,25 @@ def _trigram(language: str) -> Judge:
     return TrigramLanguageJudge(language)
 
 
-def make_second_judge(cfg: JudgeConfig) -> Judge | None:
-    """The second opinion beside ``make_judge(cfg)``, built once per process (None when configured off)."""
+_HUB_JUDGES: dict[tuple[str, str], Judge] = {}
+
+
+def _hub(cfg: JudgeConfig, device: str) -> Judge:
+    """One judge model per process, settings and device (JudgeConfig is mutable, so keyed by its repr)."""
+    key = (repr(cfg), device)
+    if key not in _HUB_JUDGES:
+        from tasks.hub_judge import HubJudge  # loads a judge model: only when asked for
+
+        _HUB_JUDGES[key] = HubJudge(cfg, device)
+    return _HUB_JUDGES[key]
+
+
+def make_second_judge(cfg: JudgeConfig, device: str = "cpu") -> Judge | None:
+    """The second opinion beside ``make_judge(cfg)``, built once per process (None when configured off);
+    a judge model runs on ``device`` (the evaluating worker's)."""
     kind = second_judge_kind(cfg)
     if kind == "classifier":
         return _classifier()
+    if kind is not None and kind.startswith("hub:"):
+        return _hub(cfg, str(device))
     return _trigram(cfg.language) if kind == "trigram" else None

@@ -123,3 +123,37 @@ def workdir(tmp_path, monkeypatch) -> Path:
     """Run in a temporary directory (checkpoints/ and MLflow artifacts land there)."""
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+def make_tiny_judge(
+    folder: Path, tokenizer, labels: list[str] | None, pairs: list[tuple[str, str]] = (), seed: int = 0
+) -> Path:
+    """A tiny random judge model saved in ``folder``: a sequence classifier with ``labels``, or (None) a
+    causal LM. A random model's last hidden states share one large component, so the classifier's first
+    two label rows are +-(difference of the first two (prompt, answer) ``pairs``' last hidden states),
+    orthogonal to those of all ``pairs``' mean: both labels then occur among inputs like them."""
+    from transformers import AutoModelForCausalLM, LlamaForSequenceClassification
+
+    torch.manual_seed(seed)
+    config = tiny_config("llama", len(tokenizer))
+    if labels is None:
+        model = AutoModelForCausalLM.from_config(config)
+    else:
+        config.num_labels, config.pad_token_id = len(labels), tokenizer.pad_token_id
+        config.id2label = dict(enumerate(labels))
+        config.label2id = {name: i for i, name in enumerate(labels)}
+        model = LlamaForSequenceClassification(config)
+        with torch.no_grad():
+            last = torch.stack(
+                [
+                    model.model(**tokenizer(p, a, return_tensors="pt")).last_hidden_state[0, -1]
+                    for p, a in pairs
+                ]
+            )
+            mean = torch.nn.functional.normalize(last.mean(0), dim=0)
+            split = last[0] - last[1]
+            split -= (split @ mean) * mean
+            model.score.weight[0], model.score.weight[1] = -split, split
+    model.eval().save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

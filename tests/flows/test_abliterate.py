@@ -23,7 +23,7 @@ from tasks.evaluate import generate
 from tasks.hooks import Ablation, intervene
 from tasks.judges import LanguageJudge
 from tasks.prompts import fingerprint, format_chat, load_prompts, split_prompts
-from tests.conftest import REPO, compose
+from tests.conftest import REPO, compose, make_tiny_judge
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -244,9 +244,10 @@ def test_given_direction_with_sweep_kernels_follows_them(tiny_dirs, workdir):
         run_flow([*_tiny_overrides(model_dir, workdir), f"direction.file={lopsided}"])
 
 
-def test_refined_direction_is_removed_and_tracked(tiny_dirs, workdir):
+def test_refined_direction_is_removed_and_tracked(tiny_dirs, workdir, tokenizer):
     """refine.steps > 0: the chosen direction is refined before removal; the run keeps the unrefined one,
-    the per-step loss, and the checkpoint equals the hook ablation of the refined direction."""
+    the per-step loss, and the checkpoint equals the hook ablation of the refined direction. Selection
+    reads validation prompts of another source, and a judge model (tiny, random) gives the second opinion."""
     from safetensors.torch import load_file
 
     model_dir = tiny_dirs["llama"]
@@ -258,8 +259,15 @@ def test_refined_direction_is_removed_and_tracked(tiny_dirs, workdir):
         f"data.validation.target={workdir}/val_fr.jsonl",
         f"data.validation.baseline={workdir}/val_en.jsonl",
     ]
+    judge = make_tiny_judge(workdir / "judge", tokenizer, ["en", "fr"], list(zip(fr, en, strict=True)))
     result = run_flow(
-        [*_tiny_overrides(model_dir, workdir), *validation, "refine.steps=4", "refine.batch_size=4"]
+        [
+            *_tiny_overrides(model_dir, workdir),
+            *validation,
+            f"data.judge.second=hub:{judge}",
+            "refine.steps=4",
+            "refine.batch_size=4",
+        ]
     )
     found = result["found"]
     assert found.refined_steps == 4 and found.source == "search"
@@ -269,6 +277,10 @@ def test_refined_direction_is_removed_and_tracked(tiny_dirs, workdir):
     assert params["fingerprint.baseline_val"] == fingerprint(en)
     train_split = split_prompts(load_prompts(PromptSource("bundled:french_fr", limit=16)), SplitConfig())
     assert params["fingerprint.target_train"] == fingerprint(train_split.train + train_split.val)
+    metrics = client.get_run(result["run_id"]).data.metrics
+    assert 0 <= metrics["after.target_rate_hub"] <= 1 and "after.judges_kappa" in metrics
+    spec = json.loads(Path(client.download_artifacts(result["run_id"], "eval/spec.json")).read_text())
+    assert spec["judges"]["hub"].startswith("local-")
     history = client.get_metric_history(result["run_id"], "refine.loss")
     assert [m.step for m in history] == [0, 1, 2, 3]
     unrefined = load_file(client.download_artifacts(result["run_id"], "directions/unrefined.safetensors"))
