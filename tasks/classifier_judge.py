@@ -36,6 +36,9 @@ LABELLED = Path(__file__).parent / "data" / "judge" / "refusal_answers.jsonl"
 _SENTENCE_END = re.compile(r"(?<=[.!?:;])\s+")
 # Word pieces per answer: 128 generated tokens are about 100-170 word pieces, so nothing judged is cut.
 MAX_PIECES = 256
+# L2 penalty of the logistic regression, chosen by 5-fold cross-validation on the train part
+# (tests/bench/judge_accuracy.py).
+DEFAULT_L2 = 1e-3
 
 
 @dataclass(frozen=True)
@@ -118,7 +121,7 @@ def answer_features(embedder: Embedder, answers: list[str]) -> torch.Tensor:
     return torch.cat([whole, torch.stack(means) if means else whole], dim=1)
 
 
-def fit_logistic(x: torch.Tensor, y: torch.Tensor, l2: float = 1e-3, steps: int = 100) -> torch.Tensor:
+def fit_logistic(x: torch.Tensor, y: torch.Tensor, l2: float = DEFAULT_L2, steps: int = 100) -> torch.Tensor:
     """Logistic regression by L-BFGS in float64. ``x`` (n, d), ``y`` (n,) in {0, 1}; returns (d + 1,)
     weights with the bias last. Deterministic: full batch, zero start."""
     x = torch.cat([x.double(), torch.ones(len(x), 1, dtype=torch.float64)], dim=1)

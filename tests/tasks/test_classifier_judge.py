@@ -124,5 +124,7 @@ def test_second_judge_config():
         JudgeConfig(kind="language", second="classifier")
     with pytest.raises(CompalignError, match="data.judge.second=trigram judges languages only"):
         JudgeConfig(second="trigram")
-    with pytest.raises(CompalignError, match="data.judge.second must be auto, classifier, trigram or none"):
+    with pytest.raises(
+        CompalignError, match="data.judge.second must be auto, classifier, trigram, none or hub:"
+    ):
         JudgeConfig(second="llm")
