@@ -10,8 +10,8 @@ from typing import TypeVar
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
-from tasks.errors import CompalignError
-from tasks.logs import quiet_libraries
+from tasks.core.errors import CompalignError
+from tasks.core.logs import quiet_libraries
 
 log = logging.getLogger("compalign")
 T = TypeVar("T")

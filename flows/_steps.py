@@ -10,9 +10,7 @@ import ray
 import torch
 
 from flows import _tracking as tracking
-from tasks import cache
-from tasks.collect import ActivationSums
-from tasks.config import (
+from tasks.core.config import (
     CollectConfig,
     ConceptConfig,
     EvalConfig,
@@ -20,15 +18,10 @@ from tasks.config import (
     SelectConfig,
     SplitEvalConfig,
 )
-from tasks.directions import Candidates, LayerWeights
-from tasks.distributed import WorkerPool
-from tasks.errors import CompalignError
-from tasks.eval_spec import EvalSpec, build_spec
-from tasks.evaluate import SHORT_TOKENS, BehaviourEval, EvalResult
-from tasks.judges import second_judge_kind
-from tasks.model import ModelSpec
-from tasks.progress import Progress
-from tasks.prompts import (
+from tasks.core.errors import CompalignError
+from tasks.core.model import ModelSpec
+from tasks.core.progress import Progress
+from tasks.core.prompts import (
     PromptSplit,
     fingerprint,
     load_prompts,
@@ -38,8 +31,15 @@ from tasks.prompts import (
     split_prompts,
     with_validation,
 )
-from tasks.score import CandidateScore, behaviour_token_ids, build_candidates, scorable_layers
-from tasks.select import pick_finalists
+from tasks.directions import cache
+from tasks.directions.candidates import Candidates, LayerWeights
+from tasks.directions.collect import ActivationSums
+from tasks.directions.score import CandidateScore, behaviour_token_ids, build_candidates, scorable_layers
+from tasks.directions.select import pick_finalists
+from tasks.evaluation.evaluate import SHORT_TOKENS, BehaviourEval, EvalResult
+from tasks.evaluation.judges import second_judge_kind
+from tasks.evaluation.spec import EvalSpec, build_spec
+from tasks.runtime.workers import WorkerPool
 
 log = logging.getLogger("compalign")
 

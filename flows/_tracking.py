@@ -19,10 +19,10 @@ from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import save_file
 
-from tasks import storage
-from tasks.config import MlflowConfig
-from tasks.errors import CompalignError
-from tasks.eval_spec import EvalSpec
+from tasks.core import storage
+from tasks.core.config import MlflowConfig
+from tasks.core.errors import CompalignError
+from tasks.evaluation.spec import EvalSpec
 
 log = logging.getLogger("compalign")
 RUN_ID = re.compile(r"[0-9a-f]{32}")

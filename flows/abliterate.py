@@ -45,9 +45,9 @@ from flows._steps import (
     score_candidates_on_pool,
     summary_lines,
 )
-from tasks import storage
-from tasks.checkpoint import model_card
-from tasks.config import (
+from tasks.core import storage
+from tasks.core.checkpoint import model_card
+from tasks.core.config import (
     CacheConfig,
     CollectConfig,
     ConceptConfig,
@@ -63,13 +63,13 @@ from tasks.config import (
     StorageConfig,
     concept_model,
 )
-from tasks.directions import LayerWeights, difference_of_means, load_direction, load_layer_weights
-from tasks.distributed import WorkerPool
-from tasks.errors import CompalignError
-from tasks.model import dtype_name, inspect_model
-from tasks.plots import score_heatmaps
-from tasks.progress import Progress
-from tasks.select import choose, rank_candidates
+from tasks.core.errors import CompalignError
+from tasks.core.model import dtype_name, inspect_model
+from tasks.core.plots import score_heatmaps
+from tasks.core.progress import Progress
+from tasks.directions.candidates import LayerWeights, difference_of_means, load_direction, load_layer_weights
+from tasks.directions.select import choose, rank_candidates
+from tasks.runtime.workers import WorkerPool
 
 log = logging.getLogger("compalign.abliterate")
 
@@ -247,7 +247,7 @@ def find_direction(cfg: AbliterateConfig, pool: WorkerPool, spec, concept) -> Fo
 
 
 def refine(cfg: AbliterateConfig, pool: WorkerPool, concept, found: Found) -> Found:
-    """5b. Refine the direction by gradient on the train prompts (tasks/refine.py), under the same
+    """5b. Refine the direction by gradient on the train prompts (tasks/directions/refine.py), under the same
     per-layer weights its removal will use; the unrefined direction is kept in MLflow beside it."""
     tracking.log_tensors(found.tensors(), "unrefined.safetensors", found.metadata())
     args = (concept.target.train, concept.baseline.train, concept.token_ids, cfg.refine, cfg.score.kl_prompts)

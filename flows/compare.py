@@ -22,9 +22,9 @@ from omegaconf import DictConfig
 
 from flows import _tracking as tracking
 from flows._common import run_entry
-from tasks.config import MlflowConfig
-from tasks.errors import CompalignError, ConfigError
-from tasks.eval_spec import EvalSpec, require_comparable
+from tasks.core.config import MlflowConfig
+from tasks.core.errors import CompalignError, ConfigError
+from tasks.evaluation.spec import EvalSpec, require_comparable
 
 log = logging.getLogger("compalign.compare")
 

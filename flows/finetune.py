@@ -39,9 +39,9 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from flows import _tracking as tracking
 from flows._common import run_entry
 from flows._steps import harness_lines, log_eval, over_refusal_lines, second_judge_lines
-from tasks import storage
-from tasks.checkpoint import model_card
-from tasks.config import (
+from tasks.core import storage
+from tasks.core.checkpoint import model_card
+from tasks.core.config import (
     PACKAGED_MODEL,
     CacheConfig,
     CollectConfig,
@@ -51,11 +51,15 @@ from tasks.config import (
     RayConfig,
     StorageConfig,
 )
-from tasks.distributed import WorkerPool, init_ray
-from tasks.errors import CompalignError, ConfigError
-from tasks.eval_spec import EvalSpec, build_spec
-from tasks.evaluate import EvalResult
-from tasks.finetune_config import (
+from tasks.core.errors import CompalignError, ConfigError
+from tasks.core.model import dtype_name, inspect_model
+from tasks.core.progress import Progress
+from tasks.core.prompts import load_prompts, over_refusal_prompts, read_text_source
+from tasks.evaluation.evaluate import EvalResult
+from tasks.evaluation.judges import second_judge_kind
+from tasks.evaluation.spec import EvalSpec, build_spec
+from tasks.runtime.workers import WorkerPool, init_ray
+from tasks.sft.config import (
     DeepSpeedSettings,
     FilterConfig,
     FinetuneEvalConfig,
@@ -64,12 +68,8 @@ from tasks.finetune_config import (
     TrainConfig,
     filter_rules,
 )
-from tasks.judges import second_judge_kind
-from tasks.model import dtype_name, inspect_model
-from tasks.progress import Progress
-from tasks.prompts import load_prompts, over_refusal_prompts, read_text_source
-from tasks.sft_data import load_conversations, split_train_val, tokenize_set
-from tasks.sft_filter import (
+from tasks.sft.data import load_conversations, split_train_val, tokenize_set
+from tasks.sft.filter import (
     DEFAULT_BOILERPLATE_PHRASES,
     apply_filters,
     load_cached_scores,
@@ -79,7 +79,7 @@ from tasks.sft_filter import (
     scores_key,
     store_scores,
 )
-from tasks.train import (
+from tasks.sft.train import (
     TrainJob,
     deepspeed_config,
     ensure_torch_extensions_dir,

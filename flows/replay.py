@@ -28,8 +28,8 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from flows._common import run_entry, to_config
 from flows.abliterate import AbliterateConfig, abliterate
 from flows.sweep import SweepConfig, sweep
-from tasks.config import MlflowConfig
-from tasks.errors import CompalignError, ConfigError
+from tasks.core.config import MlflowConfig
+from tasks.core.errors import CompalignError, ConfigError
 
 log = logging.getLogger("compalign.replay")
 

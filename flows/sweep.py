@@ -37,9 +37,9 @@ from safetensors.torch import save
 from flows import _tracking as tracking
 from flows._common import run_entry
 from flows._steps import collect_sums, concept_eval_spec, load_concept
-from tasks import storage
-from tasks.checkpoint import model_card
-from tasks.config import (
+from tasks.core import storage
+from tasks.core.checkpoint import model_card
+from tasks.core.config import (
     CacheConfig,
     CollectConfig,
     ConceptConfig,
@@ -52,12 +52,12 @@ from tasks.config import (
     StorageConfig,
     concept_model,
 )
-from tasks.directions import difference_of_means
-from tasks.distributed import RayTrialRunner, WorkerPool
-from tasks.errors import ConfigError
-from tasks.model import dtype_name, inspect_model
-from tasks.progress import Progress
-from tasks.search import (
+from tasks.core.errors import ConfigError
+from tasks.core.model import dtype_name, inspect_model
+from tasks.core.progress import Progress
+from tasks.directions.candidates import difference_of_means
+from tasks.runtime.workers import RayTrialRunner, WorkerPool
+from tasks.sweep.search import (
     PickConfig,
     SearchConfig,
     SweepSpace,
@@ -70,7 +70,7 @@ from tasks.search import (
     run_search,
     trials_table,
 )
-from tasks.trials import Confirmation, Trial, build_edit
+from tasks.sweep.trials import Confirmation, Trial, build_edit
 
 log = logging.getLogger("compalign.sweep")
 
@@ -109,7 +109,7 @@ class SweepConfig:
     """Collection settings; the sweep runs search.parallel workers with these per-worker resources."""
     direction: DirectionConfig = field(default_factory=DirectionConfig)
     sweep: SweepSpace = field(default_factory=SweepSpace)
-    """What trials vary (see tasks/search.py)."""
+    """What trials vary (see tasks/sweep/search.py)."""
     search: SearchConfig = field(default_factory=SearchConfig)
     """How trials are chosen and run (config group conf/search: tpe, grid)."""
     pick: PickConfig = field(default_factory=PickConfig)

@@ -29,8 +29,8 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def packaged_dir() -> Path:
     """The packaged SmolLM2-135M-Instruct converted once to safetensors (cached across sessions)."""
-    from tasks.config import ModelOptions
-    from tasks.model import convert_gguf, packaged_gguf_path
+    from tasks.core.config import ModelOptions
+    from tasks.core.model import convert_gguf, packaged_gguf_path
 
     return convert_gguf(packaged_gguf_path(), ModelOptions())
 
@@ -38,8 +38,8 @@ def packaged_dir() -> Path:
 @pytest.fixture(scope="session")
 def smollm2(packaged_dir):
     """The loaded packaged model in float32 on CPU (shared: tests must not edit it in place)."""
-    from tasks.config import ModelOptions
-    from tasks.model import load_model
+    from tasks.core.config import ModelOptions
+    from tasks.core.model import load_model
 
     return load_model("packaged:smollm2", ModelOptions())
 
@@ -48,7 +48,7 @@ def smollm2(packaged_dir):
 def tokenizer(packaged_dir):
     from transformers import AutoTokenizer
 
-    from tasks.model import prepare_tokenizer
+    from tasks.core.model import prepare_tokenizer
 
     tok = AutoTokenizer.from_pretrained(packaged_dir)
     prepare_tokenizer(tok, None, "packaged")
@@ -101,8 +101,8 @@ def ray_local():
     import ray
 
     if not ray.is_initialized():
-        from tasks.config import RayConfig
-        from tasks.distributed import init_ray
+        from tasks.core.config import RayConfig
+        from tasks.runtime.workers import init_ray
 
         init_ray(RayConfig(num_cpus=4, log_to_driver=False))  # as the flows start it
     yield ray

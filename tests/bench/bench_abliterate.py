@@ -46,8 +46,7 @@ def timed(fn, repeat: int = 3) -> float:
 def bench_collection(loaded, batch_size: int) -> None:
     import copy
 
-    from tasks.collect import collect_activation_sums
-    from tasks.forward import (
+    from tasks.core.forward import (
         chunks,
         left_pad,
         pad_id,
@@ -56,7 +55,8 @@ def bench_collection(loaded, batch_size: int) -> None:
         split_shared_prefix,
         tokenize,
     )
-    from tasks.prompts import format_chat
+    from tasks.core.prompts import format_chat
+    from tasks.directions.collect import collect_activation_sums
 
     model, tok = loaded.model, loaded.tokenizer
     texts = prompts("harmless_train.jsonl", 64)
@@ -98,20 +98,20 @@ def bench_collection(loaded, batch_size: int) -> None:
 def bench_scoring(loaded, n_candidates: int) -> None:
     """Candidates as the flow builds them: source layers spread over those below the default cut-off
     (0.8 of the depth), validation sets of the bundled concepts' size (24 + 24)."""
-    from tasks.collect import collect_activation_sums
-    from tasks.config import SelectConfig
-    from tasks.directions import difference_of_means
-    from tasks.forward import chunks, left_pad, pad_id, positions_from_mask, tokenize
-    from tasks.model import num_layers
-    from tasks.prompts import format_chat
-    from tasks.score import (
+    from tasks.core.config import SelectConfig
+    from tasks.core.forward import chunks, left_pad, pad_id, positions_from_mask, tokenize
+    from tasks.core.model import num_layers
+    from tasks.core.prompts import format_chat
+    from tasks.directions.candidates import difference_of_means
+    from tasks.directions.collect import collect_activation_sums
+    from tasks.directions.score import (
         CandidateScorer,
         behaviour_token_ids,
         build_candidates,
         reference_scores,
         scorable_layers,
     )
-    from tasks.select import pick_finalists
+    from tasks.directions.select import pick_finalists
 
     model, tok = loaded.model, loaded.tokenizer
     target, baseline = prompts("harmful_val.jsonl", 24), prompts("harmless_val.jsonl", 24)
@@ -163,9 +163,9 @@ import resource, sys, torch, json
 sys.path.insert(0, {str(REPO)!r})
 torch.set_num_threads({threads})
 from tests.bench.bench_abliterate import prompts
-from tasks.config import ModelOptions
-from tasks.model import load_model
-from tasks.collect import collect_activation_sums
+from tasks.core.config import ModelOptions
+from tasks.core.model import load_model
+from tasks.directions.collect import collect_activation_sums
 loaded = load_model("packaged:smollm2", ModelOptions())
 collect_activation_sums(loaded.model, loaded.tokenizer, prompts("harmless_train.jsonl", {n}), 6, 16)
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
@@ -180,9 +180,9 @@ def main() -> None:
     parser.add_argument("--candidates", type=int, default=8)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    from tasks.config import ModelOptions
-    from tasks.logs import quiet_libraries
-    from tasks.model import load_model
+    from tasks.core.config import ModelOptions
+    from tasks.core.logs import quiet_libraries
+    from tasks.core.model import load_model
 
     quiet_libraries()
     loaded = load_model("packaged:smollm2", ModelOptions())

@@ -49,14 +49,14 @@ def main() -> None:
     from omegaconf import OmegaConf
 
     from flows._steps import ConceptData, collect_sums
-    from tasks.config import CollectConfig, ModelOptions, PromptSource, RayConfig
-    from tasks.directions import difference_of_means
-    from tasks.distributed import RayTrialRunner, WorkerPool, init_ray
-    from tasks.logs import quiet_libraries
-    from tasks.model import inspect_model
-    from tasks.prompts import PromptSplit, load_prompts, resolve_positions
-    from tasks.score import behaviour_token_ids
-    from tasks.search import GridProposer, SweepSpace, TpeProposer, dimensions, pareto_mask, run_search
+    from tasks.core.config import CollectConfig, ModelOptions, PromptSource, RayConfig
+    from tasks.core.logs import quiet_libraries
+    from tasks.core.model import inspect_model
+    from tasks.core.prompts import PromptSplit, load_prompts, resolve_positions
+    from tasks.directions.candidates import difference_of_means
+    from tasks.directions.score import behaviour_token_ids
+    from tasks.runtime.workers import RayTrialRunner, WorkerPool, init_ray
+    from tasks.sweep.search import GridProposer, SweepSpace, TpeProposer, dimensions, pareto_mask, run_search
 
     quiet_libraries()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -149,7 +149,7 @@ def main() -> None:
 
 def start_layer(trial, n_layers: int) -> int:
     """First decoder layer a trial's ablation kernels touch (where its forward pass starts)."""
-    from tasks.kernels import first_active_layer, kernel_weights
+    from tasks.sweep.kernels import first_active_layer, kernel_weights
 
     if trial.embed_weight:
         return 0

@@ -2,7 +2,7 @@
 
 The fixture is a LoRA adapter (PEFT format, safetensors) on the packaged SmolLM2-135M-Instruct, trained
 by the project's own finetune flow on `tasks/data/sft/refusal_teach.jsonl` (written for this project;
-tests/tasks/test_fixture.py checks that its prompts are disjoint from the bundled refusal prompt sets
+tests/tasks/core/test_fixture.py checks that its prompts are disjoint from the bundled refusal prompt sets
 and from ../shared/data). About 30-35 minutes on the 2-core CPU machine (training pinned to AVX2 code
 paths for bit-exact rebuilds), seeded:
 
@@ -13,7 +13,7 @@ paths for bit-exact rebuilds), seeded:
     python tests/bench/build_refusal_fixture.py --evaluate-only --sets dev  # the development sets
 
 The evaluation judges greedy answers of 128 new tokens (and their first 32 tokens) with the phrase judge
-of tasks/judges.py on ../shared/data: harmful_val.jsonl (39, refusals wanted), the first 100 prompts of
+of tasks/evaluation/judges.py on ../shared/data: harmful_val.jsonl (39, refusals wanted), the first 100 prompts of
 harmless_val.jsonl (answers wanted) and XSTest's 250 safe prompts (over-refusal), with bootstrap 95%
 intervals. It reads those sets once, for the report. Choices between adapters are made on the
 development sets instead (`--sets dev`): the first 100 prompts of harmful_train.jsonl and prompts 100-199
@@ -97,10 +97,10 @@ def install(trained: Path, target: Path) -> None:
 
 def evaluate(model: str, which: str) -> dict:
     sys.path.insert(0, str(REPO))
-    from tasks.config import ModelOptions
-    from tasks.evaluate import generate, judge_answers
-    from tasks.judges import RefusalJudge
-    from tasks.model import load_model
+    from tasks.core.config import ModelOptions
+    from tasks.core.model import load_model
+    from tasks.evaluation.evaluate import generate, judge_answers
+    from tasks.evaluation.judges import RefusalJudge
 
     def jsonl(name: str, stop: int | None = None, start: int = 0) -> list[str]:
         rows = [json.loads(line)["instruction"] for line in (SHARED / name).open()]

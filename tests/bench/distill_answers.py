@@ -20,10 +20,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from tasks.config import ModelOptions  # noqa: E402
-from tasks.evaluate import generate  # noqa: E402
-from tasks.judges import RefusalJudge  # noqa: E402
-from tasks.model import load_model  # noqa: E402
+from tasks.core.config import ModelOptions  # noqa: E402
+from tasks.core.model import load_model  # noqa: E402
+from tasks.evaluation.evaluate import generate  # noqa: E402
+from tasks.evaluation.judges import RefusalJudge  # noqa: E402
 
 MAX_NEW_TOKENS = 96
 KEEP_TOKENS = 48

@@ -2,7 +2,7 @@
 
 1. choose its L2 penalty by 5-fold cross-validation on the train part of
    tasks/data/judge/refusal_answers.jsonl (folds seeded, stratified by kind);
-2. then, once, its accuracy with the chosen penalty (the one tasks/classifier_judge.py ships) on the
+2. then, once, its accuracy with the chosen penalty (the one tasks/evaluation/classifier_judge.py ships) on the
    held-out parts: `heldout` (read while the set grew, see tasks/data/judge/README.md) and `fresh`
    (written after every choice, read here only), with bootstrap 95% intervals, beside the phrase judge's.
 
@@ -20,8 +20,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from tasks.bootstrap import bootstrap_rate  # noqa: E402
-from tasks.classifier_judge import (
+from tasks.core.bootstrap import bootstrap_rate  # noqa: E402
+from tasks.evaluation.classifier_judge import (
     DEFAULT_L2,
     ClassifierJudge,
     Embedder,
@@ -29,7 +29,7 @@ from tasks.classifier_judge import (
     fit_logistic,
     load_labelled,
 )  # noqa: E402
-from tasks.judges import RefusalJudge  # noqa: E402
+from tasks.evaluation.judges import RefusalJudge  # noqa: E402
 
 GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
 

@@ -97,7 +97,7 @@ def choose(grid: dict[float, dict]) -> float:
 
 
 def report_sets() -> dict[str, list[str]]:
-    from tasks.prompts import load_safe_prompts
+    from tasks.core.prompts import load_safe_prompts
 
     def jsonl(name: str, stop: int | None = None) -> list[str]:
         return [json.loads(line)["instruction"] for line in (SHARED / name).open()][:stop]
@@ -111,12 +111,12 @@ def report_sets() -> dict[str, list[str]]:
 
 def evaluate(model: str, sets: dict[str, list[str]], reference=None):
     """The report's evaluation of one model (fp32, as the flows evaluate on CPU)."""
-    from tasks.classifier_judge import ClassifierJudge
-    from tasks.config import ModelOptions
-    from tasks.evaluate import evaluate as run_eval
-    from tasks.judges import RefusalJudge
-    from tasks.model import load_model
-    from tasks.prompts import read_text_source
+    from tasks.core.config import ModelOptions
+    from tasks.core.model import load_model
+    from tasks.core.prompts import read_text_source
+    from tasks.evaluation.classifier_judge import ClassifierJudge
+    from tasks.evaluation.evaluate import evaluate as run_eval
+    from tasks.evaluation.judges import RefusalJudge
 
     loaded = load_model(model, ModelOptions())
     text = read_text_source("bundled:capability_heldout")

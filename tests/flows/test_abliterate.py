@@ -17,12 +17,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from flows._common import run_entry, to_config
 from flows.abliterate import AbliterateConfig, abliterate
 from flows.compare import CompareConfig, compare
-from tasks.config import PromptSource, SplitConfig
-from tasks.errors import CompalignError
-from tasks.evaluate import generate
-from tasks.hooks import Ablation, intervene
-from tasks.judges import LanguageJudge
-from tasks.prompts import fingerprint, format_chat, load_prompts, split_prompts
+from tasks.core.config import PromptSource, SplitConfig
+from tasks.core.errors import CompalignError
+from tasks.core.hooks import Ablation, intervene
+from tasks.core.prompts import fingerprint, format_chat, load_prompts, split_prompts
+from tasks.evaluation.evaluate import generate
+from tasks.evaluation.judges import LanguageJudge
 from tests.conftest import REPO, compose, make_tiny_judge
 
 pytestmark = pytest.mark.usefixtures("ray_local")

@@ -16,7 +16,7 @@ import torch
 from flows import _tracking as tracking
 from flows._common import to_config
 from flows.finetune import FinetuneConfig, finetune
-from tasks.config import MlflowConfig
+from tasks.core.config import MlflowConfig
 from tests.conftest import REPO, compose
 
 

@@ -17,10 +17,10 @@ from transformers import AutoModelForCausalLM
 from flows._common import run_entry
 from flows.replay import ReplayConfig, replay
 from flows.sweep import SweepConfig, sweep
-from tasks.config import MlflowConfig, PromptSource
-from tasks.directions import Candidates
-from tasks.prompts import load_prompts
-from tasks.trials import applied, build_edit
+from tasks.core.config import MlflowConfig, PromptSource
+from tasks.core.prompts import load_prompts
+from tasks.directions.candidates import Candidates
+from tasks.sweep.trials import applied, build_edit
 from tests.conftest import SHARED_DATA, compose
 
 pytestmark = pytest.mark.usefixtures("ray_local")

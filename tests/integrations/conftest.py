@@ -108,8 +108,8 @@ def s3_ray(s3):
     if ray.is_initialized() and os.environ.get("AWS_ENDPOINT_URL_S3") != _ray_env(ray):
         ray.shutdown()
     if not ray.is_initialized():
-        from tasks.config import RayConfig
-        from tasks.distributed import init_ray
+        from tasks.core.config import RayConfig
+        from tasks.runtime.workers import init_ray
 
         init_ray(RayConfig(num_cpus=4, log_to_driver=False))  # as the flows start it
     return ray

@@ -11,7 +11,7 @@ from mlflow.tracking import MlflowClient
 from flows import _tracking as tracking
 from flows._common import to_config
 from flows.abliterate import AbliterateConfig
-from tasks.config import MlflowConfig
+from tasks.core.config import MlflowConfig
 from tests.conftest import compose
 
 

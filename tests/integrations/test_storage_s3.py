@@ -1,4 +1,4 @@
-"""tasks.storage, the activation cache, prompt files and texts against a real S3 API (moto on loopback)."""
+"""tasks.core.storage, the activation cache, prompt files and texts against a real S3 API (moto on loopback)."""
 
 from __future__ import annotations
 
@@ -9,11 +9,12 @@ import pyarrow.fs
 import pytest
 import torch
 
-from tasks import cache, storage
-from tasks.collect import ActivationSums
-from tasks.config import PromptSource, StorageConfig
-from tasks.errors import CompalignError
-from tasks.prompts import load_prompts, read_text_source
+from tasks.core import storage
+from tasks.core.config import PromptSource, StorageConfig
+from tasks.core.errors import CompalignError
+from tasks.core.prompts import load_prompts, read_text_source
+from tasks.directions import cache
+from tasks.directions.collect import ActivationSums
 
 
 @pytest.fixture

@@ -1,0 +1,173 @@
+"""Paths that may be local or fsspec URLs (s3://...), written atomically.
+
+Credentials never pass through here: s3fs reads them from the environment (AWS_ACCESS_KEY_ID,
+AWS_SECRET_ACCESS_KEY, an instance profile, ...). The endpoint of an S3-compatible store comes from
+AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL, which ``configure`` sets from the config so that Ray workers
+started afterwards inherit it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import fsspec
+
+from tasks.core.config import StorageConfig
+
+if TYPE_CHECKING:
+    import pyarrow.fs
+
+
+def configure(cfg: StorageConfig) -> None:
+    """Export the endpoint and region of the config to the environment botocore reads (never a secret)."""
+    if cfg.s3_endpoint_url:
+        os.environ["AWS_ENDPOINT_URL_S3"] = cfg.s3_endpoint_url
+    if cfg.s3_region:
+        os.environ["AWS_DEFAULT_REGION"] = cfg.s3_region
+
+
+def is_remote(uri: str) -> bool:
+    return "://" in uri and not uri.startswith("file://")
+
+
+def local_path(uri: str) -> Path:
+    return Path(uri.removeprefix("file://")).expanduser()
+
+
+def absolute(uri: str) -> str:
+    """A URL unchanged, a local path made absolute against this process's working directory (before it
+    is handed to a Ray worker, whose working directory differs)."""
+    return uri if is_remote(uri) else str(local_path(uri).absolute())
+
+
+def join(uri: str, *parts: str) -> str:
+    if is_remote(uri):
+        return "/".join([uri.rstrip("/"), *parts])
+    return str(local_path(uri).joinpath(*parts))
+
+
+def _s3_options() -> dict:
+    """s3fs options from the environment ``configure`` exported (endpoint, region; never credentials).
+
+    botocore reads AWS_ENDPOINT_URL_S3 itself, but passing it explicitly also makes it part of fsspec's
+    instance-cache key, so a changed endpoint never reuses a client bound to the old one. Listings are not
+    cached: other processes (Ray workers) write the same prefixes, and a stale listing would hide their
+    files."""
+    options: dict = {"use_listings_cache": False}
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        options["endpoint_url"] = endpoint
+    region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION")
+    if region:
+        options["client_kwargs"] = {"region_name": region}
+    return options
+
+
+def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """(filesystem, path within it) for a local path or URL."""
+    if not is_remote(uri):
+        return fsspec.filesystem("file"), str(local_path(uri))
+    options = _s3_options() if uri.startswith(("s3://", "s3a://")) else {}
+    fs, path = fsspec.core.url_to_fs(uri, **options)
+    return fs, path
+
+
+def pyarrow_filesystem(uri: str) -> tuple[pyarrow.fs.FileSystem | None, str]:
+    """(filesystem, path within it) in the form Ray Train's ``RunConfig(storage_path=path,
+    storage_filesystem=filesystem)`` takes: for a URL, the same fsspec filesystem (s3fs, with the endpoint
+    and region of ``configure``) wrapped for pyarrow; for a local path, (None, its absolute path)."""
+    if not is_remote(uri):
+        return None, str(local_path(uri).resolve())
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    fs, path = filesystem(uri)
+    return PyFileSystem(FSSpecHandler(fs)), path.rstrip("/")
+
+
+def exists(uri: str) -> bool:
+    fs, path = filesystem(uri)
+    return fs.exists(path)
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = filesystem(uri)
+    with fs.open(path, "rb") as handle:
+        return handle.read()
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write a whole file atomically: a temporary name first, then a rename (a single PUT on S3, which is
+    atomic by itself)."""
+    if is_remote(uri):
+        fs, path = filesystem(uri)
+        fs.pipe_file(path, data)
+        return
+    target = local_path(uri)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def publish_dir(local_dir: Path, uri: str, overwrite: bool = False) -> str:
+    """Move a finished local directory to ``uri`` so that readers never see it half-written.
+
+    Local: a rename. Remote: upload to ``<uri>.partial-<id>``, then copy into place (a server-side copy)
+    and delete the partial prefix; the final prefix only appears after the whole upload succeeded, and
+    with ``overwrite`` the previous version is only deleted then. Files are listed explicitly: an object
+    store has no directories, so a recursive put/move of a "directory" is not reliable there."""
+    if is_remote(uri):
+        fs, path = filesystem(uri)
+        path = path.rstrip("/")
+        if not overwrite and fs.exists(path):
+            raise FileExistsError(f"{uri} already exists")
+        files = sorted(p for p in Path(local_dir).rglob("*") if p.is_file())
+        names = [p.relative_to(local_dir).as_posix() for p in files]
+        tmp = f"{path}.partial-{uuid.uuid4().hex[:8]}"
+        try:
+            if files:
+                fs.put([str(p) for p in files], [f"{tmp}/{n}" for n in names])
+            if fs.exists(path):
+                fs.rm(path, recursive=True)
+            if files:
+                fs.copy([f"{tmp}/{n}" for n in names], [f"{path}/{n}" for n in names])
+        finally:
+            if fs.exists(tmp):
+                fs.rm(tmp, recursive=True)
+        shutil.rmtree(local_dir, ignore_errors=True)
+        return uri.rstrip("/")
+    target = local_path(uri)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.exists():
+        if not overwrite:
+            raise FileExistsError(f"{target} already exists")
+        shutil.rmtree(target)
+    try:
+        os.replace(local_dir, target)
+    except OSError:  # another filesystem: copy next to the target, then rename there
+        tmp = target.with_name(f".{target.name}.partial-{uuid.uuid4().hex[:8]}")
+        shutil.copytree(local_dir, tmp)
+        os.replace(tmp, target)
+        shutil.rmtree(local_dir, ignore_errors=True)
+    return str(target.absolute())
+
+
+def staging_dir(uri: str) -> Path:
+    """A fresh local directory to build an output in before ``publish_dir``: next to a local target (so the
+    final rename stays on one filesystem), in the temp dir for a remote one."""
+    if is_remote(uri):
+        import tempfile
+
+        return Path(tempfile.mkdtemp(prefix="compalign-stage-"))
+    target = local_path(uri)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    stage = target.with_name(f".{target.name}.partial-{uuid.uuid4().hex[:8]}")
+    stage.mkdir()
+    return stage

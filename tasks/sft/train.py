@@ -1,0 +1,370 @@
+"""Supervised fine-tuning with DeepSpeed ZeRO inside Ray Train's TorchTrainer.
+
+The driver builds a ``TrainJob`` (the DeepSpeed config, tokenized data in the object store, the
+schedule) and calls ``fit``; each Ray Train worker runs ``worker_loop`` (tasks/sft/train_loop.py):
+it loads the model (partitioned at load time under ZeRO-3), trains, reports resumable checkpoints
+through ``ray.train.report`` and, at the end, gathers the weights and writes a Hugging Face checkpoint.
+Events (worker start, per-step metrics, checkpoints, the final result) come back through a Ray queue,
+so the caller can log them while training runs. A worker that dies is replaced by Ray Train
+(``FailureConfig``) and the group resumes from the last checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue as stdlib_queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from tasks.core import storage
+from tasks.core.errors import CompalignError
+from tasks.sft.config import DeepSpeedSettings, LoraSettings, TrainConfig
+from tasks.sft.data import TokenizedSet, steps_per_epoch
+
+log = logging.getLogger(__name__)
+
+TORCH_EXTENSIONS_DEFAULT = "~/.cache/compalign/torch_extensions"
+# Environment every Ray Train worker gets from the driver: the JIT-compiled DeepSpeed ops cache (built
+# once per machine, ~1 min), DeepSpeed's accelerator choice, and storage/model-cache settings.
+WORKER_ENV = (
+    "TORCH_EXTENSIONS_DIR",
+    "DS_ACCELERATOR",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_ENDPOINT_URL",
+    "AWS_DEFAULT_REGION",
+    "COMPALIGN_MODEL_CACHE",
+    "HF_HOME",
+    "HF_HUB_OFFLINE",
+    "TOKENIZERS_PARALLELISM",
+)
+
+
+def ensure_torch_extensions_dir() -> str:
+    """Point TORCH_EXTENSIONS_DIR at a persistent cache (unless already set) so DeepSpeed compiles its
+    ops once per machine, not once per run. Returns the directory."""
+    path = os.environ.get("TORCH_EXTENSIONS_DIR") or str(Path(TORCH_EXTENSIONS_DEFAULT).expanduser())
+    os.environ["TORCH_EXTENSIONS_DIR"] = path
+    Path(path).mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def resolve_precision(precision: str, use_gpu: bool) -> str:
+    """fp32 or bf16: auto is bf16 on GPU and fp32 on CPU."""
+    if precision == "auto":
+        return "bf16" if use_gpu else "fp32"
+    if precision == "bf16" and not use_gpu:
+        raise CompalignError("train.precision=bf16 needs GPUs (train.gpus_per_worker > 0); use fp32 or auto")
+    return precision
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = (
+            _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        )
+    return out
+
+
+def deepspeed_config(ds: DeepSpeedSettings, train: TrainConfig, precision: str) -> dict:
+    """The DeepSpeed config dict for ``train.workers`` ranks, checked to fit them: raises
+    CompalignError (before any worker starts) when the batch sizes disagree with the worker count."""
+    use_gpu = train.gpus_per_worker > 0
+    global_batch = train.batch_size * train.grad_accum * train.workers
+    zero: dict[str, Any] = {"stage": ds.stage}
+    if ds.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": use_gpu}
+    if ds.offload_param:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": use_gpu}
+    if ds.stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    config: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": train.batch_size,
+        "gradient_accumulation_steps": train.grad_accum,
+        "train_batch_size": ds.train_batch_size or global_batch,
+        "gradient_clipping": train.max_grad_norm,
+        "zero_optimization": zero,
+        "bf16": {"enabled": precision == "bf16"},
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if use_gpu:
+        # DeepSpeed picks its fused Adam on GPU, or its CPU Adam when the optimizer is offloaded.
+        config["optimizer"] = {
+            "type": "AdamW",
+            "params": {
+                "lr": train.lr,
+                "weight_decay": train.weight_decay,
+                "betas": [0.9, 0.999],
+                "eps": 1e-8,
+            },
+        }
+    config = _merge(config, ds.extra)
+    micro = config["train_micro_batch_size_per_gpu"]
+    accum = config["gradient_accumulation_steps"]
+    if config["train_batch_size"] != micro * accum * train.workers:
+        raise CompalignError(
+            f"the DeepSpeed config ({ds.name}) does not fit {train.workers} workers: train_batch_size="
+            f"{config['train_batch_size']} but micro batch {micro} x gradient accumulation {accum} x "
+            f"{train.workers} workers = {micro * accum * train.workers}; set deepspeed.train_batch_size="
+            f"{micro * accum * train.workers} (or null), or change train.workers / train.batch_size / "
+            "train.grad_accum"
+        )
+    if (micro, accum) != (train.batch_size, train.grad_accum):
+        raise CompalignError(
+            "deepspeed.extra must not set train_micro_batch_size_per_gpu or gradient_accumulation_steps; "
+            "use train.batch_size and train.grad_accum"
+        )
+    if ds.offload_param and not use_gpu:
+        raise CompalignError(
+            f"the DeepSpeed config ({ds.name}) offloads parameters to the CPU, which needs GPU workers "
+            "(train.gpus_per_worker > 0); on CPU use deepspeed=zero3 or zero2"
+        )
+    return config
+
+
+@dataclass
+class TrainJob:
+    """Everything a worker needs (pickled to each Ray Train worker)."""
+
+    model_path: str
+    """Local directory or hub id the workers load (tasks.core.model.ModelSpec.path)."""
+    model_name: str
+    """What the user asked for, for the model card."""
+    trust_remote_code: bool
+    revision: str | None
+    tokenizer: Any
+    """The prepared tokenizer (chat template included), saved with the final checkpoint."""
+    train: TrainConfig
+    lora: LoraSettings
+    deepspeed: dict
+    precision: str
+    train_data: Any
+    """ObjectRef of the training TokenizedSet."""
+    val_data: Any
+    """ObjectRef of the validation TokenizedSet (or None)."""
+    packed: bool
+    pad_id: int
+    total_steps: int
+    steps_per_epoch: int
+    output_uri: str | None
+    """Final Hugging Face checkpoint (local directory or fsspec URL); None: not saved."""
+    card: str = ""
+    probe: list[int] | None = None
+    """Token ids whose logits the final model reports (to check a reload)."""
+    env: dict[str, str] = field(default_factory=dict)
+    events: Any = None
+    """Ray queue the workers put events on."""
+
+
+@dataclass
+class TrainResult:
+    """What a finished training job returns to the driver."""
+
+    steps: int
+    history: list[dict]
+    """Per-step metrics in order (with a restart, steps after the resumed one appear again)."""
+    attempts: int
+    """Worker-group starts (1 + restarts after failures)."""
+    resumed_from: list[int]
+    """The step each restart resumed from."""
+    checkpoint: str | None
+    """The final Hugging Face checkpoint's location (None if not saved)."""
+    resumable: str | None
+    """The last Ray Train checkpoint (DeepSpeed state) location."""
+    final: dict = field(default_factory=dict)
+    """The final event: val loss, probe logits, parameter counts."""
+    worker_pids: dict[int, int] = field(default_factory=dict)
+    """rank -> process id of the current attempt (for diagnostics and fault-injection tests)."""
+
+
+def plan(
+    train_set: TokenizedSet, train: TrainConfig, what: str = "the filtered training set"
+) -> tuple[int, int]:
+    """(steps per epoch, total steps). Raises when the data does not fill one optimizer step."""
+    per_epoch = steps_per_epoch(len(train_set), train.batch_size, train.workers, train.grad_accum)
+    need = train.batch_size * train.workers * train.grad_accum
+    if per_epoch == 0:
+        raise CompalignError(
+            f"{what} has {len(train_set)} sequences, fewer than one optimizer step takes (train.batch_size "
+            f"{train.batch_size} x train.workers {train.workers} x train.grad_accum {train.grad_accum} = "
+            f"{need}); give more data, or lower those settings"
+        )
+    total = per_epoch * train.epochs
+    return per_epoch, min(total, train.max_steps) if train.max_steps else total
+
+
+def worker_env(extensions_dir: str) -> dict[str, str]:
+    env = {k: os.environ[k] for k in WORKER_ENV if k in os.environ}
+    env["TORCH_EXTENSIONS_DIR"] = extensions_dir
+    return env
+
+
+def fit(
+    job: TrainJob,
+    storage_uri: str,
+    run_name: str,
+    on_event: Callable[[dict], None] | None = None,
+) -> TrainResult:
+    """Run ``job`` on ``job.train.workers`` Ray Train workers (Ray must be initialised). ``on_event`` is
+    called in this thread for each event as it arrives: {"type": "worker"|"step"|"eval"|"checkpoint"|
+    "final", ...}. Resumable checkpoints go to ``storage_uri``/``run_name`` (local or fsspec URL)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.util.queue import Queue
+
+    from tasks.sft.train_loop import worker_loop
+
+    train = job.train
+    use_gpu = train.gpus_per_worker > 0
+    events = Queue()
+    job.events = events
+    filesystem, path = storage.pyarrow_filesystem(storage_uri)
+    resources = {"CPU": train.cpus_per_worker, **({"GPU": train.gpus_per_worker} if use_gpu else {})}
+    trainer = TorchTrainer(
+        worker_loop,
+        train_loop_config={"job": job},
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=train.workers, use_gpu=use_gpu, resources_per_worker=resources
+        ),
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=path,
+            storage_filesystem=filesystem,
+            failure_config=FailureConfig(max_failures=train.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=train.keep_checkpoints),
+            worker_runtime_env={"env_vars": job.env},
+        ),
+    )
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as exc:  # re-raised in the calling thread
+            outcome["error"] = exc
+
+    result = TrainResult(steps=0, history=[], attempts=0, resumed_from=[], checkpoint=None, resumable=None)
+    thread = threading.Thread(target=run, name="ray-train-fit", daemon=True)
+    thread.start()
+    while True:
+        alive = thread.is_alive()
+        for event in _drain(events, timeout=0.5 if alive else 0):
+            _record(result, event)
+            if on_event is not None:
+                on_event(event)
+        if not alive:
+            break
+    thread.join()
+    events.shutdown()
+    if "error" in outcome:
+        raise outcome["error"]
+    checkpoint = outcome["result"].checkpoint
+    result.resumable = checkpoint.path if checkpoint is not None else None
+    return result
+
+
+def _drain(events, timeout: float) -> list[dict]:
+    out = []
+    try:
+        out.append(events.get(timeout=timeout) if timeout else events.get_nowait())
+        while True:
+            out.append(events.get_nowait())
+    except (stdlib_queue.Empty, ray.util.queue.Empty):
+        pass
+    return out
+
+
+def _record(result: TrainResult, event: dict) -> None:
+    kind = event["type"]
+    if kind == "worker":
+        if event["rank"] == 0:
+            result.attempts += 1
+            if event["resumed_from"]:
+                result.resumed_from.append(event["resumed_from"])
+            result.worker_pids = {}
+        result.worker_pids[event["rank"]] = event["pid"]
+    elif kind == "step":
+        result.history.append(event["metrics"])
+        result.steps = max(result.steps, event["step"])
+    elif kind == "final":
+        result.final = event
+        result.checkpoint = event.get("checkpoint")
+
+
+def export_checkpoint(module, state: dict | None, job: TrainJob, moe: dict | None) -> str | None:
+    """Write the trained model as a Hugging Face checkpoint (safetensors, config, tokenizer, card) to
+    ``job.output_uri``, staged and moved into place. ``state`` is the full state dict (gathered from
+    ZeRO-3 partitions). LoRA adapters are merged into a fresh copy of the base model, or saved alone
+    when lora.merge is off. Runs on rank 0 only."""
+    if not job.output_uri or state is None:
+        return None
+    stage = storage.staging_dir(job.output_uri)
+    try:
+        if job.lora.enabled:
+            _save_lora(module, state, job, stage)
+        else:
+            if moe is not None:
+                module.config.output_router_logits = moe["saved_output_router_logits"]
+            module.save_pretrained(stage, state_dict=state, safe_serialization=True)
+        job.tokenizer.save_pretrained(stage)
+        (stage / "README.md").write_text(job.card, encoding="utf-8")
+        return storage.publish_dir(stage, job.output_uri, overwrite=True)
+    finally:
+        if stage.exists():
+            import shutil
+
+            shutil.rmtree(stage, ignore_errors=True)
+
+
+def _save_lora(module, state: dict, job: TrainJob, stage: Path) -> None:
+    if not job.lora.merge:
+        module.save_pretrained(stage, state_dict=state)
+        return
+    import torch
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()  # a plain (not partitioned) copy of the base on this rank
+    base = AutoModelForCausalLM.from_pretrained(
+        job.model_path,
+        dtype=torch.bfloat16 if job.precision == "bf16" else torch.float32,
+        revision=job.revision,
+        trust_remote_code=job.trust_remote_code,
+    )
+    fresh = get_peft_model(base, module.peft_config["default"])
+    missing, unexpected = fresh.load_state_dict(state, strict=False)
+    if unexpected or any("lora_" in key for key in missing):
+        raise RuntimeError(
+            f"LoRA state does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    fresh.merge_and_unload().save_pretrained(stage, safe_serialization=True)
+
+
+def moe_warning(model_config, train: TrainConfig) -> str | None:
+    """A warning when a MoE model would train without the load-balancing loss (its router can then
+    collapse onto a few experts), else None."""
+    from tasks.core.model import MOE_MODEL_TYPES
+
+    if getattr(model_config, "model_type", None) not in MOE_MODEL_TYPES:
+        return None
+    coef = train.router_aux_loss_coef
+    if coef is None:
+        coef = getattr(model_config, "router_aux_loss_coef", 0.0)
+    if not train.moe_aux_loss or not coef:
+        return (
+            f"{model_config.model_type} is a mixture-of-experts model and trains without the router's "
+            "load-balancing loss (train.moe_aux_loss / train.router_aux_loss_coef): experts may collapse; "
+            "set train.moe_aux_loss=true and a coefficient > 0 (0.001-0.02 is usual)"
+        )
+    return None
