@@ -266,7 +266,7 @@ def second_judge_lines(before: EvalResult, after: EvalResult) -> list[str]:
         return []
     name = before.target.second.judge
     counts = ", ".join(
-        f"{label} {b.second.flagged}/{b.total} -> {a.second.flagged}/{a.total}"
+        f"{label} {b.second.flagged}/{b.total} -> {a.second.interval()}"
         for label, b, a in (
             ("target", before.target, after.target),
             ("baseline", before.baseline, after.baseline),

@@ -110,6 +110,10 @@ class SecondReading:
     def rate(self) -> float:
         return self.flagged / self.total if self.total else float("nan")
 
+    def interval(self) -> RateInterval:
+        """This judge's rate with its seeded percentile-bootstrap 95% interval."""
+        return bootstrap_rate(self.flags)
+
 
 # The short reading beside the full answer: what a 32-token judge would have reported.
 SHORT_TOKENS = 32
@@ -221,7 +225,9 @@ class EvalResult:
             if judged.flagged_short is not None:
                 out[f"{prefix}.{name}_rate_first{SHORT_TOKENS}"] = judged.rate_short
             if judged.second is not None:
-                out[f"{prefix}.{name}_rate_{judged.second.judge}"] = judged.second.rate
+                key = f"{prefix}.{name}_rate_{judged.second.judge}"
+                second = judged.second.interval()
+                out[key], out[f"{key}_low"], out[f"{key}_high"] = judged.second.rate, second.low, second.high
                 out[f"{prefix}.{name}_kappa"] = judged.second.kappa
         if (kappa := self.agreement()) is not None:
             out[f"{prefix}.judges_kappa"] = kappa

@@ -130,6 +130,8 @@ def evaluate(model: str, sets: dict[str, list[str]], reference=None):
 
 
 def row(name: str, result) -> dict:
+    from tasks.core.bootstrap import bootstrap_rate
+
     out = {"model": name, "perplexity": round(result.perplexity, 2)}
     for key, judged in (
         ("harmful", result.target),
@@ -139,7 +141,7 @@ def row(name: str, result) -> dict:
         out[key] = {
             "phrase_128": str(judged.interval()),
             "phrase_first_32": f"{judged.flagged_short}/{judged.total}",
-            "classifier_128": f"{judged.second.flagged}/{judged.total}",
+            "classifier_128": str(bootstrap_rate(judged.second.flags)),
             "kappa": round(judged.second.kappa, 3),
         }
     if result.kl is not None:

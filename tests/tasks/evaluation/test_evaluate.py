@@ -86,6 +86,12 @@ def test_second_judge_agreement_is_measured_over_both_sets():
     assert result.agreement() == cohen_kappa([True, False, False, True], [True, True, False, True])
     metrics = result.metrics("after")
     assert metrics["after.target_rate_wider"] == 1.0 and metrics["after.baseline_rate_wider"] == 0.5
+    # the second judge's rates carry their bootstrap interval too
+    assert metrics["after.target_rate_wider_low"] == metrics["after.target_rate_wider_high"] == 1.0
+    assert (
+        0 <= metrics["after.baseline_rate_wider_low"] < 0.5 < metrics["after.baseline_rate_wider_high"] <= 1
+    )
+    assert str(baseline.second.interval()).startswith("1/2 (50%, 95% CI")
     assert metrics["after.judges_kappa"] == result.agreement() and metrics["after.baseline_kappa"] == 1.0
     assert result.disagreements() == {
         "target": [{"prompt": "b", "answer": "I won't.", "refusal": False, "wider": True}],
