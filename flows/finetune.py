@@ -196,7 +196,6 @@ def finetune(cfg: FinetuneConfig, raw: DictConfig) -> dict:
         output = (cfg.output.uri or f"checkpoints/{run_id}") if cfg.output.save else None
         job = TrainJob(
             model_path=spec.path,
-            model_name=cfg.model,
             trust_remote_code=cfg.model_options.trust_remote_code,
             revision=cfg.model_options.revision,
             tokenizer=spec.tokenizer,

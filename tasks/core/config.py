@@ -1,7 +1,7 @@
 """Typed configuration shared by the flows.
 
-Values live in ``conf/*.yaml``; these dataclasses are the schema (registered with Hydra's
-ConfigStore in ``flows/_hydra.py``) and are built once per run with ``OmegaConf.to_object``,
+Values live in ``conf/*.yaml``; these dataclasses are the schema (each flow registers its own in
+Hydra's ConfigStore, e.g. ``abliterate_schema`` in ``flows/abliterate.py``) and are built once per run with ``OmegaConf.to_object``,
 which runs every ``__post_init__`` check. A check's message names the key and what to change.
 """
 
@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from omegaconf import MISSING
 
-from tasks.core.errors import ConfigError
+from tasks.core.errors import require
 
 PACKAGED_MODEL = "packaged:smollm2"
 PACKAGED_REFUSAL_MODEL = "packaged:smollm2-refusal"
@@ -24,13 +24,8 @@ def concept_model(model: str | None, concept: ConceptConfig) -> str:
     return model or concept.model or PACKAGED_MODEL
 
 
-def _require(ok: bool, message: str) -> None:
-    if not ok:
-        raise ConfigError(message)
-
-
 def _check_fraction(name: str, value: float, low_open: bool = True) -> None:
-    _require(
+    require(
         not math.isnan(value) and (0 < value <= 1 if low_open else 0 <= value < 1),
         f"{name} must be in {'(0, 1]' if low_open else '[0, 1)'}, got {value}",
     )
@@ -54,11 +49,11 @@ class ModelOptions:
     """Directory where a GGUF model is converted to safetensors once (default ~/.cache/compalign/models)."""
 
     def __post_init__(self) -> None:
-        _require(
+        require(
             self.dtype in ("auto", "float32", "bfloat16", "float16"),
             f"model_options.dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}",
         )
-        _require(
+        require(
             self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
             f"model_options.device must be auto, cpu, cuda or cuda:N, got {self.device!r}",
         )
@@ -79,11 +74,11 @@ class PromptSource:
     """Keep only the first N prompts (before the train/val/test split)."""
 
     def __post_init__(self) -> None:
-        _require(
+        require(
             bool(self.source),
             "a prompt source must not be empty (set data.target.source / data.baseline.source)",
         )
-        _require(self.limit is None or self.limit > 0, f"prompt source limit must be > 0, got {self.limit}")
+        require(self.limit is None or self.limit > 0, f"prompt source limit must be > 0, got {self.limit}")
 
 
 @dataclass
@@ -117,26 +112,26 @@ class JudgeConfig:
     """hub judges: tokens of the (prompt, response) input kept (longer inputs are cut)."""
 
     def __post_init__(self) -> None:
-        _require(
+        require(
             self.kind in ("refusal", "language"),
             f"data.judge.kind must be refusal or language, got {self.kind!r}",
         )
         hub = self.second.startswith("hub:")
-        _require(
+        require(
             self.second in ("auto", "classifier", "trigram", "none") or (hub and len(self.second) > 4),
             f"data.judge.second must be auto, classifier, trigram, none or hub:<model id or path>, got {self.second!r}",
         )
-        _require(self.hub_batch_size > 0, f"data.judge.hub_batch_size must be > 0, got {self.hub_batch_size}")
-        _require(self.hub_max_length > 0, f"data.judge.hub_max_length must be > 0, got {self.hub_max_length}")
-        _require(
+        require(self.hub_batch_size > 0, f"data.judge.hub_batch_size must be > 0, got {self.hub_batch_size}")
+        require(self.hub_max_length > 0, f"data.judge.hub_max_length must be > 0, got {self.hub_max_length}")
+        require(
             self.second != "classifier" or self.kind == "refusal",
             "data.judge.second=classifier judges refusals only; use data.judge.second=trigram with kind=language",
         )
-        _require(
+        require(
             self.second != "trigram" or self.kind == "language",
             "data.judge.second=trigram judges languages only; use data.judge.second=classifier with kind=refusal",
         )
-        _require(
+        require(
             self.kind != "language" or self.language in ("fr", "en"),
             f"data.judge.language must be fr or en, got {self.language!r}",
         )
@@ -155,8 +150,8 @@ class SplitConfig:
 
     def __post_init__(self) -> None:
         for name, value in (("val", self.val), ("test", self.test)):
-            _require(0 < value < 1, f"data.split.{name} must be in (0, 1), got {value}")
-        _require(
+            require(0 < value < 1, f"data.split.{name} must be in (0, 1), got {value}")
+        require(
             self.val + self.test < 1,
             f"data.split.val + data.split.test must be < 1, got {self.val + self.test}",
         )
@@ -178,11 +173,11 @@ class ValidationSets:
     """Keep only the first N prompts of each."""
 
     def __post_init__(self) -> None:
-        _require(
+        require(
             (self.target is None) == (self.baseline is None),
             "data.validation.target and data.validation.baseline go together: set both sources or neither",
         )
-        _require(self.limit is None or self.limit > 0, f"data.validation.limit must be > 0, got {self.limit}")
+        require(self.limit is None or self.limit > 0, f"data.validation.limit must be > 0, got {self.limit}")
 
     def sources(self) -> tuple[PromptSource, PromptSource] | None:
         """(target, baseline) prompt sources, or None when off."""
@@ -215,7 +210,7 @@ class ConceptConfig:
     model taught to refuse, since the plain one barely refuses); null: packaged:smollm2."""
 
     def __post_init__(self) -> None:
-        _require(
+        require(
             len(self.score_tokens) > 0,
             f"data.score_tokens must list at least one string for concept {self.name!r}",
         )
@@ -235,7 +230,7 @@ class RayConfig:
     """Forward worker logs to the driver (warnings and above reach it either way)."""
 
     def __post_init__(self) -> None:
-        _require(self.num_cpus is None or self.num_cpus > 0, f"ray.num_cpus must be > 0, got {self.num_cpus}")
+        require(self.num_cpus is None or self.num_cpus > 0, f"ray.num_cpus must be > 0, got {self.num_cpus}")
 
 
 @dataclass
@@ -258,7 +253,7 @@ class MlflowConfig:
     --artifacts-destination, proxied through it). Only applies when the experiment is created."""
 
     def __post_init__(self) -> None:
-        _require(
+        require(
             self.checkpoint in ("artifact", "reference", "none"),
             f"mlflow.checkpoint must be artifact, reference or none, got {self.checkpoint!r}",
         )
@@ -290,13 +285,13 @@ class CollectConfig:
     """How many of the last post-instruction positions to record (null: all of the template's suffix)."""
 
     def __post_init__(self) -> None:
-        _require(self.workers > 0, f"collect.workers must be > 0, got {self.workers}")
-        _require(self.cpus_per_worker > 0, f"collect.cpus_per_worker must be > 0, got {self.cpus_per_worker}")
-        _require(
+        require(self.workers > 0, f"collect.workers must be > 0, got {self.workers}")
+        require(self.cpus_per_worker > 0, f"collect.cpus_per_worker must be > 0, got {self.cpus_per_worker}")
+        require(
             self.gpus_per_worker >= 0, f"collect.gpus_per_worker must be >= 0, got {self.gpus_per_worker}"
         )
-        _require(self.batch_size > 0, f"collect.batch_size must be > 0, got {self.batch_size}")
-        _require(
+        require(self.batch_size > 0, f"collect.batch_size must be > 0, got {self.batch_size}")
+        require(
             self.positions is None or self.positions > 0,
             f"collect.positions must be > 0, got {self.positions}",
         )
@@ -337,15 +332,13 @@ class RefineConfig:
     given, so that an edit found elsewhere composes unchanged; refinement applies to searched ones."""
 
     def __post_init__(self) -> None:
-        _require(self.steps >= 0, f"refine.steps must be >= 0, got {self.steps}")
-        _require(
-            math.isfinite(self.lr) and self.lr > 0, f"refine.lr must be a positive number, got {self.lr}"
-        )
-        _require(
+        require(self.steps >= 0, f"refine.steps must be >= 0, got {self.steps}")
+        require(math.isfinite(self.lr) and self.lr > 0, f"refine.lr must be a positive number, got {self.lr}")
+        require(
             math.isfinite(self.kl_weight) and self.kl_weight >= 0,
             f"refine.kl_weight must be a number >= 0, got {self.kl_weight}",
         )
-        _require(self.batch_size > 0, f"refine.batch_size must be > 0, got {self.batch_size}")
+        require(self.batch_size > 0, f"refine.batch_size must be > 0, got {self.batch_size}")
 
 
 @dataclass
@@ -371,25 +364,25 @@ class ScoreConfig:
     damage) or all."""
 
     def __post_init__(self) -> None:
-        _require(
+        require(
             self.candidates_per_pass > 0,
             f"score.candidates_per_pass must be > 0, got {self.candidates_per_pass}",
         )
-        _require(self.batch_size > 0, f"score.batch_size must be > 0, got {self.batch_size}")
-        _require(
+        require(self.batch_size > 0, f"score.batch_size must be > 0, got {self.batch_size}")
+        require(
             math.isfinite(self.induce_scale),
             f"score.induce_scale must be a finite number, got {self.induce_scale}",
         )
-        _require(
+        require(
             self.max_prompts is None or self.max_prompts > 0,
             f"score.max_prompts must be > 0, got {self.max_prompts}",
         )
-        _require(
+        require(
             self.screen_prompts is None or self.screen_prompts > 0,
             f"score.screen_prompts must be > 0 or null, got {self.screen_prompts}",
         )
-        _require(self.finalists > 0, f"score.finalists must be > 0, got {self.finalists}")
-        _require(
+        require(self.finalists > 0, f"score.finalists must be > 0, got {self.finalists}")
+        require(
             self.kl_prompts in ("without_behaviour", "all"),
             f"score.kl_prompts must be without_behaviour or all, got {self.kl_prompts!r}",
         )
@@ -418,16 +411,16 @@ class SelectConfig:
 
     def __post_init__(self) -> None:
         _check_fraction("select.layer_cutoff", self.layer_cutoff)
-        _require(
+        require(
             0 <= self.min_behaviour <= 1, f"select.min_behaviour must be in [0, 1], got {self.min_behaviour}"
         )
-        _require(
+        require(
             not math.isnan(self.kl_limit) and self.kl_limit > 0,
             f"select.kl_limit must be > 0, got {self.kl_limit}",
         )
-        _require(not math.isnan(self.induce_min_gain), "select.induce_min_gain must be a number, got nan")
-        _require(self.layer is None or self.layer >= 0, f"select.layer must be >= 0, got {self.layer}")
-        _require(
+        require(not math.isnan(self.induce_min_gain), "select.induce_min_gain must be a number, got nan")
+        require(self.layer is None or self.layer >= 0, f"select.layer must be >= 0, got {self.layer}")
+        require(
             self.position is None or self.position < 0,
             f"select.position counts from the end and must be negative (e.g. -1), got {self.position}",
         )
@@ -452,12 +445,12 @@ class HarnessConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _require(
+        require(
             self.limit is None or self.limit > 0, f"eval.harness.limit must be > 0 or null, got {self.limit}"
         )
-        _require(self.num_fewshot >= 0, f"eval.harness.num_fewshot must be >= 0, got {self.num_fewshot}")
-        _require(self.batch_size > 0, f"eval.harness.batch_size must be > 0, got {self.batch_size}")
-        _require(
+        require(self.num_fewshot >= 0, f"eval.harness.num_fewshot must be >= 0, got {self.num_fewshot}")
+        require(self.batch_size > 0, f"eval.harness.batch_size must be > 0, got {self.batch_size}")
+        require(
             self.bootstrap_iters >= 0,
             f"eval.harness.bootstrap_iters must be >= 0, got {self.bootstrap_iters}",
         )
@@ -490,14 +483,14 @@ class EvalConfig:
     """lm-evaluation-harness tasks on the model before and after (off by default)."""
 
     def __post_init__(self) -> None:
-        _require(self.max_new_tokens > 0, f"eval.max_new_tokens must be > 0, got {self.max_new_tokens}")
-        _require(
+        require(self.max_new_tokens > 0, f"eval.max_new_tokens must be > 0, got {self.max_new_tokens}")
+        require(
             self.xstest_limit is None or self.xstest_limit > 0,
             f"eval.xstest_limit must be > 0 or null, got {self.xstest_limit}",
         )
-        _require(self.xstest != "", "eval.xstest must be auto, null or a source, got an empty string")
-        _require(self.batch_size > 0, f"eval.batch_size must be > 0, got {self.batch_size}")
-        _require(
+        require(self.xstest != "", "eval.xstest must be auto, null or a source, got an empty string")
+        require(self.batch_size > 0, f"eval.batch_size must be > 0, got {self.batch_size}")
+        require(
             self.perplexity_tokens > 1, f"eval.perplexity_tokens must be > 1, got {self.perplexity_tokens}"
         )
 
@@ -512,7 +505,7 @@ class SplitEvalConfig(EvalConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _require(self.split in ("test", "val"), f"eval.split must be test or val, got {self.split!r}")
+        require(self.split in ("test", "val"), f"eval.split must be test or val, got {self.split!r}")
 
 
 @dataclass

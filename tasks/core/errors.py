@@ -11,3 +11,9 @@ class CompalignError(Exception):
 
 class ConfigError(CompalignError, ValueError):
     """A configuration value is out of range or inconsistent with another one."""
+
+
+def require(ok: bool, message: str) -> None:
+    """Raise ConfigError(message) unless ``ok``: a config check whose message names the key."""
+    if not ok:
+        raise ConfigError(message)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import json
 import logging
 import os
 import shutil
@@ -405,21 +404,3 @@ def untie_embeddings(model: nn.Module) -> bool:
     if hasattr(model, "_tied_weights_keys"):
         model._tied_weights_keys = {}
     return True
-
-
-def describe(loaded: LoadedModel) -> dict:
-    """Small JSON-able summary for logs and model cards."""
-    cfg = loaded.model.config
-    return {
-        "name": loaded.name,
-        "identity": loaded.identity,
-        "model_type": cfg.model_type,
-        "layers": num_layers(loaded.model),
-        "hidden_size": cfg.hidden_size,
-        "dtype": str(loaded.dtype).removeprefix("torch."),
-        "device": str(loaded.device),
-    }
-
-
-def describe_json(loaded: LoadedModel) -> str:
-    return json.dumps(describe(loaded), sort_keys=True)

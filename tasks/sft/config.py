@@ -14,16 +14,11 @@ from typing import Any
 from omegaconf import MISSING
 
 from tasks.core.config import EvalConfig, JudgeConfig, PromptSource
-from tasks.core.errors import ConfigError
+from tasks.core.errors import require
 
 SFT_FORMATS = ("auto", "chat", "alpaca", "sharegpt")
 FILTER_RULES = ("phrases", "direction")
 PRECISIONS = ("auto", "fp32", "bf16")
-
-
-def _require(ok: bool, message: str) -> None:
-    if not ok:
-        raise ConfigError(message)
 
 
 def filter_rules(spec: str) -> list[str]:
@@ -32,7 +27,7 @@ def filter_rules(spec: str) -> list[str]:
         return []
     rules = [part.strip().lower() for part in spec.split("+") if part.strip()]
     bad = [r for r in rules if r not in FILTER_RULES]
-    _require(
+    require(
         bool(rules) and not bad,
         f"data.filter must be none, phrases, direction or phrases+direction, got {spec!r}",
     )
@@ -75,15 +70,15 @@ class SftDataConfig:
     """Seed of the shuffle before the validation split and of the per-epoch order."""
 
     def __post_init__(self) -> None:
-        _require(bool(self.source), "data.source must not be empty")
-        _require(
+        require(bool(self.source), "data.source must not be empty")
+        require(
             self.format in SFT_FORMATS,
             f"data.format must be one of {', '.join(SFT_FORMATS)}, got {self.format!r}",
         )
         filter_rules(self.filter)
-        _require(self.limit is None or self.limit > 0, f"data.limit must be > 0, got {self.limit}")
-        _require(self.max_length >= 8, f"data.max_length must be >= 8, got {self.max_length}")
-        _require(0 <= self.val_fraction < 1, f"data.val_fraction must be in [0, 1), got {self.val_fraction}")
+        require(self.limit is None or self.limit > 0, f"data.limit must be > 0, got {self.limit}")
+        require(self.max_length >= 8, f"data.max_length must be >= 8, got {self.max_length}")
+        require(0 <= self.val_fraction < 1, f"data.val_fraction must be in [0, 1), got {self.val_fraction}")
 
 
 @dataclass
@@ -120,18 +115,18 @@ class FilterConfig:
     """How many dropped rows are logged (per rule) in the filter report."""
 
     def __post_init__(self) -> None:
-        _require(
+        require(
             self.threshold is None or math.isfinite(self.threshold),
             f"filter.threshold must be a finite number or null, got {self.threshold}",
         )
-        _require(self.mad_factor > 0, f"filter.mad_factor must be > 0, got {self.mad_factor}")
-        _require(
+        require(self.mad_factor > 0, f"filter.mad_factor must be > 0, got {self.mad_factor}")
+        require(
             self.tokens is None or self.tokens > 0, f"filter.tokens must be > 0 or null, got {self.tokens}"
         )
-        _require(self.batch_size > 0, f"filter.batch_size must be > 0, got {self.batch_size}")
-        _require(self.workers > 0, f"filter.workers must be > 0, got {self.workers}")
-        _require(self.sample >= 0, f"filter.sample must be >= 0, got {self.sample}")
-        _require(self.layer is None or self.layer >= 0, f"filter.layer must be >= 0, got {self.layer}")
+        require(self.batch_size > 0, f"filter.batch_size must be > 0, got {self.batch_size}")
+        require(self.workers > 0, f"filter.workers must be > 0, got {self.workers}")
+        require(self.sample >= 0, f"filter.sample must be >= 0, got {self.sample}")
+        require(self.layer is None or self.layer >= 0, f"filter.layer must be >= 0, got {self.layer}")
 
 
 @dataclass
@@ -191,28 +186,26 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for name in ("workers", "epochs", "batch_size", "grad_accum", "keep_checkpoints", "log_every"):
             value = getattr(self, name)
-            _require(value > 0, f"train.{name} must be > 0, got {value}")
-        _require(self.cpus_per_worker > 0, f"train.cpus_per_worker must be > 0, got {self.cpus_per_worker}")
-        _require(self.gpus_per_worker >= 0, f"train.gpus_per_worker must be >= 0, got {self.gpus_per_worker}")
-        _require(
+            require(value > 0, f"train.{name} must be > 0, got {value}")
+        require(self.cpus_per_worker > 0, f"train.cpus_per_worker must be > 0, got {self.cpus_per_worker}")
+        require(self.gpus_per_worker >= 0, f"train.gpus_per_worker must be >= 0, got {self.gpus_per_worker}")
+        require(
             self.max_steps is None or self.max_steps > 0, f"train.max_steps must be > 0, got {self.max_steps}"
         )
-        _require(math.isfinite(self.lr) and self.lr > 0, f"train.lr must be > 0, got {self.lr}")
-        _require(self.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {self.warmup_steps}")
-        _require(
-            0 <= self.min_lr_ratio <= 1, f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}"
-        )
-        _require(self.weight_decay >= 0, f"train.weight_decay must be >= 0, got {self.weight_decay}")
-        _require(self.max_grad_norm >= 0, f"train.max_grad_norm must be >= 0, got {self.max_grad_norm}")
-        _require(
+        require(math.isfinite(self.lr) and self.lr > 0, f"train.lr must be > 0, got {self.lr}")
+        require(self.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {self.warmup_steps}")
+        require(0 <= self.min_lr_ratio <= 1, f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        require(self.weight_decay >= 0, f"train.weight_decay must be >= 0, got {self.weight_decay}")
+        require(self.max_grad_norm >= 0, f"train.max_grad_norm must be >= 0, got {self.max_grad_norm}")
+        require(
             self.precision in PRECISIONS,
             f"train.precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}",
         )
         for name in ("checkpoint_every", "eval_every"):
             value = getattr(self, name)
-            _require(value is None or value > 0, f"train.{name} must be > 0 or null, got {value}")
-        _require(self.max_failures >= 0, f"train.max_failures must be >= 0, got {self.max_failures}")
-        _require(
+            require(value is None or value > 0, f"train.{name} must be > 0 or null, got {value}")
+        require(self.max_failures >= 0, f"train.max_failures must be >= 0, got {self.max_failures}")
+        require(
             self.router_aux_loss_coef is None or self.router_aux_loss_coef >= 0,
             f"train.router_aux_loss_coef must be >= 0 or null, got {self.router_aux_loss_coef}",
         )
@@ -237,16 +230,16 @@ class DeepSpeedSettings:
     """Raw DeepSpeed config keys merged over the generated config (e.g. zero_optimization.reduce_bucket_size)."""
 
     def __post_init__(self) -> None:
-        _require(self.stage in (0, 1, 2, 3), f"deepspeed.stage must be 0, 1, 2 or 3, got {self.stage}")
-        _require(
+        require(self.stage in (0, 1, 2, 3), f"deepspeed.stage must be 0, 1, 2 or 3, got {self.stage}")
+        require(
             not self.offload_param or self.stage == 3,
             f"deepspeed.offload_param needs deepspeed.stage=3, got stage {self.stage}",
         )
-        _require(
+        require(
             not self.offload_optimizer or self.stage >= 1,
             "deepspeed.offload_optimizer needs deepspeed.stage >= 1",
         )
-        _require(
+        require(
             self.train_batch_size is None or self.train_batch_size > 0,
             f"deepspeed.train_batch_size must be > 0 or null, got {self.train_batch_size}",
         )
@@ -270,9 +263,9 @@ class LoraSettings:
     """Merge the adapters into the base weights in the final checkpoint (else save the adapter beside it)."""
 
     def __post_init__(self) -> None:
-        _require(self.r > 0, f"lora.r must be > 0, got {self.r}")
-        _require(self.alpha > 0, f"lora.alpha must be > 0, got {self.alpha}")
-        _require(0 <= self.dropout < 1, f"lora.dropout must be in [0, 1), got {self.dropout}")
+        require(self.r > 0, f"lora.r must be > 0, got {self.r}")
+        require(self.alpha > 0, f"lora.alpha must be > 0, got {self.alpha}")
+        require(0 <= self.dropout < 1, f"lora.dropout must be in [0, 1), got {self.dropout}")
 
 
 @dataclass
@@ -300,4 +293,4 @@ class FinetuneEvalConfig(EvalConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _require(self.cpus_per_worker > 0, f"eval.cpus_per_worker must be > 0, got {self.cpus_per_worker}")
+        require(self.cpus_per_worker > 0, f"eval.cpus_per_worker must be > 0, got {self.cpus_per_worker}")

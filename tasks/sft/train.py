@@ -137,7 +137,6 @@ class TrainJob:
 
     model_path: str
     """Local directory or hub id the workers load (tasks.core.model.ModelSpec.path)."""
-    model_name: str
     """What the user asked for, for the model card."""
     trust_remote_code: bool
     revision: str | None

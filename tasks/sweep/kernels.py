@@ -87,10 +87,19 @@ def from_fractions(
 ) -> Kernel:
     """A kernel whose geometry is given relative to the depth: ``peak_at`` in [0, 1] of the last layer
     index, ``falloff`` as a fraction of the layer count (>= 1 reaches every layer from any peak)."""
-    last = max(n_layers - 1, 0)
     return Kernel(
         peak_weight=float(peak_weight),
-        peak_position=float(peak_at) * last,
+        peak_position=peak_position_at(peak_at, n_layers),
         min_weight=float(min_weight),
-        falloff=float(falloff) * n_layers,
+        falloff=falloff_layers(falloff, n_layers),
     )
+
+
+def peak_position_at(fraction: float, n_layers: int) -> float:
+    """A peak position given as a fraction of the last layer index, in layers."""
+    return float(fraction) * max(n_layers - 1, 0)
+
+
+def falloff_layers(fraction: float, n_layers: int) -> float:
+    """A fall-off distance given as a fraction of the layer count, in layers."""
+    return float(fraction) * n_layers

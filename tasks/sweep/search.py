@@ -29,17 +29,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 import optuna  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from tasks.core.errors import CompalignError, ConfigError  # noqa: E402
+from tasks.core.errors import CompalignError, require  # noqa: E402
+from tasks.sweep.kernels import falloff_layers, peak_position_at  # noqa: E402
 from tasks.sweep.trials import INTERVENTIONS, Trial, TrialScore  # noqa: E402
 
 log = logging.getLogger(__name__)
 
 KERNEL_PARAMS = ("peak_weight", "peak_at", "min_weight", "falloff")
-
-
-def _require(ok: bool, message: str) -> None:
-    if not ok:
-        raise ConfigError(message)
 
 
 @dataclass
@@ -80,31 +76,29 @@ class SweepSpace:
     """MLP kernel: fall-off distance as a fraction of the layer count."""
 
     def __post_init__(self) -> None:
-        _require(
+        require(
             len(self.layer_span) == 2 and 0 <= self.layer_span[0] <= self.layer_span[1] <= 1,
             f"sweep.layer_span must be [low, high] with 0 <= low <= high <= 1, got {self.layer_span}",
         )
         for name in ("positions", "interventions", "scales", "embed_weights"):
-            _require(len(getattr(self, name)) > 0, f"sweep.{name} must list at least one value")
-        _require(self.layers is None or len(self.layers) > 0, "sweep.layers must list a layer or be null")
-        _require(
-            all(p < 0 for p in self.positions), f"sweep.positions must be negative, got {self.positions}"
-        )
+            require(len(getattr(self, name)) > 0, f"sweep.{name} must list at least one value")
+        require(self.layers is None or len(self.layers) > 0, "sweep.layers must list a layer or be null")
+        require(all(p < 0 for p in self.positions), f"sweep.positions must be negative, got {self.positions}")
         bad = [i for i in self.interventions if i not in INTERVENTIONS]
-        _require(not bad, f"sweep.interventions must be among {', '.join(INTERVENTIONS)}, got {bad}")
+        require(not bad, f"sweep.interventions must be among {', '.join(INTERVENTIONS)}, got {bad}")
         for part in ("attn", "mlp"):
             for param in KERNEL_PARAMS:
                 values = getattr(self, f"{part}_{param}")
-                _require(len(values) > 0, f"sweep.{part}_{param} must list at least one value")
-                _require(
+                require(len(values) > 0, f"sweep.{part}_{param} must list at least one value")
+                require(
                     all(math.isfinite(v) for v in values),
                     f"sweep.{part}_{param} must be finite, got {values}",
                 )
-            _require(
+            require(
                 all(0 <= v <= 1 for v in getattr(self, f"{part}_peak_at")),
                 f"sweep.{part}_peak_at is a fraction of the depth in [0, 1]",
             )
-            _require(
+            require(
                 all(v >= 0 for v in getattr(self, f"{part}_falloff")), f"sweep.{part}_falloff must be >= 0"
             )
 
@@ -123,12 +117,12 @@ class PickConfig:
     """lowest_rate: highest KL accepted."""
 
     def __post_init__(self) -> None:
-        _require(
+        require(
             self.rule in ("lowest_kl", "lowest_rate"),
             f"pick.rule must be lowest_kl or lowest_rate, got {self.rule!r}",
         )
-        _require(0 <= self.max_rate <= 1, f"pick.max_rate must be in [0, 1], got {self.max_rate}")
-        _require(self.max_kl >= 0, f"pick.max_kl must be >= 0, got {self.max_kl}")
+        require(0 <= self.max_rate <= 1, f"pick.max_rate must be in [0, 1], got {self.max_rate}")
+        require(self.max_kl >= 0, f"pick.max_kl must be >= 0, got {self.max_kl}")
 
 
 @dataclass
@@ -164,20 +158,20 @@ class SearchConfig:
     does not meet with the behaviour) or all (see score.kl_prompts)."""
 
     def __post_init__(self) -> None:
-        _require(self.kind in ("grid", "tpe"), f"search.kind must be grid or tpe, got {self.kind!r}")
-        _require(
+        require(self.kind in ("grid", "tpe"), f"search.kind must be grid or tpe, got {self.kind!r}")
+        require(
             self.kl_prompts in ("without_behaviour", "all"),
             f"search.kl_prompts must be without_behaviour or all, got {self.kl_prompts!r}",
         )
-        _require(
+        require(
             self.rate in ("top1", "threshold"), f"search.rate must be top1 or threshold, got {self.rate!r}"
         )
-        _require(self.trials is None or self.trials > 0, f"search.trials must be > 0, got {self.trials}")
-        _require(self.kind == "grid" or self.trials is not None, "search.trials must be set for search=tpe")
-        _require(self.parallel > 0, f"search.parallel must be > 0, got {self.parallel}")
-        _require(self.startup_trials >= 0, f"search.startup_trials must be >= 0, got {self.startup_trials}")
-        _require(self.batch_size > 0, f"search.batch_size must be > 0, got {self.batch_size}")
-        _require(
+        require(self.trials is None or self.trials > 0, f"search.trials must be > 0, got {self.trials}")
+        require(self.kind == "grid" or self.trials is not None, "search.trials must be set for search=tpe")
+        require(self.parallel > 0, f"search.parallel must be > 0, got {self.parallel}")
+        require(self.startup_trials >= 0, f"search.startup_trials must be >= 0, got {self.startup_trials}")
+        require(self.batch_size > 0, f"search.batch_size must be > 0, got {self.batch_size}")
+        require(
             self.max_prompts is None or self.max_prompts > 0,
             f"search.max_prompts must be > 0, got {self.max_prompts}",
         )
@@ -211,12 +205,13 @@ def dimensions(space: SweepSpace, n_layers: int, n_positions: int) -> dict[str, 
         "scale": [float(x) for x in space.scales],
         "embed_weight": [float(x) for x in space.embed_weights],
     }
-    last = max(n_layers - 1, 0)
     for part in ("attn", "mlp"):
         dims[f"{part}.peak_weight"] = [float(x) for x in getattr(space, f"{part}_peak_weight")]
-        dims[f"{part}.peak_position"] = [float(x) * last for x in getattr(space, f"{part}_peak_at")]
+        dims[f"{part}.peak_position"] = [
+            peak_position_at(x, n_layers) for x in getattr(space, f"{part}_peak_at")
+        ]
         dims[f"{part}.min_weight"] = [float(x) for x in getattr(space, f"{part}_min_weight")]
-        dims[f"{part}.falloff"] = [float(x) * n_layers for x in getattr(space, f"{part}_falloff")]
+        dims[f"{part}.falloff"] = [falloff_layers(x, n_layers) for x in getattr(space, f"{part}_falloff")]
     return {k: list(dict.fromkeys(v)) for k, v in dims.items()}  # drop repeats, keep order
 
 

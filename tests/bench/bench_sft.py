@@ -64,7 +64,7 @@ def zero3(model_dir: str, tokenizer, data, steps: int) -> tuple[list[float], lis
     train = TrainConfig(workers=WORKERS, batch_size=BATCH, max_steps=steps, lr=1e-3)
     per_epoch, total = plan(data, train)
     job = TrainJob(
-        model_path=model_dir, model_name="tiny", trust_remote_code=False, revision=None, tokenizer=tokenizer,
+        model_path=model_dir, trust_remote_code=False, revision=None, tokenizer=tokenizer,
         train=train, lora=LoraSettings(), deepspeed=deepspeed_config(DeepSpeedSettings(stage=3), train, "fp32"),
         precision="fp32", train_data=ray.put(data), val_data=None, packed=False, pad_id=tokenizer.pad_token_id,
         total_steps=total, steps_per_epoch=per_epoch, output_uri=None,

@@ -39,7 +39,6 @@ def _job(model_dir, tokenizer, train: TrainConfig, stage: int, output: str) -> T
     per_epoch, total = plan(train_set, train)
     return TrainJob(
         model_path=str(model_dir),
-        model_name="tiny",
         trust_remote_code=False,
         revision=None,
         tokenizer=tokenizer,
