@@ -79,8 +79,8 @@ from tasks.sft.filter import (
     scores_key,
     store_scores,
 )
+from tasks.sft.job import TrainJob
 from tasks.sft.train import (
-    TrainJob,
     deepspeed_config,
     ensure_torch_extensions_dir,
     fit,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 from torch import nn
@@ -28,21 +29,31 @@ def model_card(base_model: str, summary: dict, body: str) -> str:
     return "\n".join(front) + f"\n\n{body}\n\n| key | value |\n|---|---|\n{facts}\n"
 
 
-def save_checkpoint(
-    model: nn.Module, tokenizer, uri: str, card: str, extra_files: dict[str, bytes] | None = None
-) -> str:
-    """Write the model (safetensors), its config, the tokenizer (chat template included) and ``card`` as
-    README.md to ``uri``; staged and moved into place when complete. Returns the final location."""
+def publish_staged(uri: str, write: Callable[[Path], None]) -> str:
+    """Run ``write(stage)`` into a staging directory, then move it into place at ``uri`` (local or
+    fsspec); a failed write leaves nothing at ``uri`` and no staging directory. Returns the location."""
     stage = storage.staging_dir(uri)
     try:
-        model.save_pretrained(stage, safe_serialization=True)
-        tokenizer.save_pretrained(stage)
-        (stage / "README.md").write_text(card, encoding="utf-8")
-        for name, data in (extra_files or {}).items():
-            (stage / name).write_bytes(data)
+        write(Path(stage))
         return storage.publish_dir(stage, uri, overwrite=True)
     finally:
         if Path(stage).exists():
             import shutil
 
             shutil.rmtree(stage, ignore_errors=True)
+
+
+def save_checkpoint(
+    model: nn.Module, tokenizer, uri: str, card: str, extra_files: dict[str, bytes] | None = None
+) -> str:
+    """Write the model (safetensors), its config, the tokenizer (chat template included) and ``card`` as
+    README.md to ``uri``; staged and moved into place when complete. Returns the final location."""
+
+    def write(stage: Path) -> None:
+        model.save_pretrained(stage, safe_serialization=True)
+        tokenizer.save_pretrained(stage)
+        (stage / "README.md").write_text(card, encoding="utf-8")
+        for name, data in (extra_files or {}).items():
+            (stage / name).write_bytes(data)
+
+    return publish_staged(uri, write)

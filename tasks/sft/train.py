@@ -16,7 +16,6 @@ import os
 import queue as stdlib_queue
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +23,10 @@ import ray
 
 from tasks.core import storage
 from tasks.core.errors import CompalignError
-from tasks.sft.config import DeepSpeedSettings, LoraSettings, TrainConfig
+from tasks.sft.config import DeepSpeedSettings, TrainConfig
 from tasks.sft.data import TokenizedSet, steps_per_epoch
+from tasks.sft.job import TrainJob, TrainResult
+from tasks.sft.train_loop import worker_loop
 
 log = logging.getLogger(__name__)
 
@@ -131,60 +132,6 @@ def deepspeed_config(ds: DeepSpeedSettings, train: TrainConfig, precision: str) 
     return config
 
 
-@dataclass
-class TrainJob:
-    """Everything a worker needs (pickled to each Ray Train worker)."""
-
-    model_path: str
-    """Local directory or hub id the workers load (tasks.core.model.ModelSpec.path)."""
-    """What the user asked for, for the model card."""
-    trust_remote_code: bool
-    revision: str | None
-    tokenizer: Any
-    """The prepared tokenizer (chat template included), saved with the final checkpoint."""
-    train: TrainConfig
-    lora: LoraSettings
-    deepspeed: dict
-    precision: str
-    train_data: Any
-    """ObjectRef of the training TokenizedSet."""
-    val_data: Any
-    """ObjectRef of the validation TokenizedSet (or None)."""
-    packed: bool
-    pad_id: int
-    total_steps: int
-    steps_per_epoch: int
-    output_uri: str | None
-    """Final Hugging Face checkpoint (local directory or fsspec URL); None: not saved."""
-    card: str = ""
-    probe: list[int] | None = None
-    """Token ids whose logits the final model reports (to check a reload)."""
-    env: dict[str, str] = field(default_factory=dict)
-    events: Any = None
-    """Ray queue the workers put events on."""
-
-
-@dataclass
-class TrainResult:
-    """What a finished training job returns to the driver."""
-
-    steps: int
-    history: list[dict]
-    """Per-step metrics in order (with a restart, steps after the resumed one appear again)."""
-    attempts: int
-    """Worker-group starts (1 + restarts after failures)."""
-    resumed_from: list[int]
-    """The step each restart resumed from."""
-    checkpoint: str | None
-    """The final Hugging Face checkpoint's location (None if not saved)."""
-    resumable: str | None
-    """The last Ray Train checkpoint (DeepSpeed state) location."""
-    final: dict = field(default_factory=dict)
-    """The final event: val loss, probe logits, parameter counts."""
-    worker_pids: dict[int, int] = field(default_factory=dict)
-    """rank -> process id of the current attempt (for diagnostics and fault-injection tests)."""
-
-
 def plan(
     train_set: TokenizedSet, train: TrainConfig, what: str = "the filtered training set"
 ) -> tuple[int, int]:
@@ -219,8 +166,6 @@ def fit(
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.util.queue import Queue
-
-    from tasks.sft.train_loop import worker_loop
 
     train = job.train
     use_gpu = train.gpus_per_worker > 0
@@ -298,56 +243,6 @@ def _record(result: TrainResult, event: dict) -> None:
     elif kind == "final":
         result.final = event
         result.checkpoint = event.get("checkpoint")
-
-
-def export_checkpoint(module, state: dict | None, job: TrainJob, moe: dict | None) -> str | None:
-    """Write the trained model as a Hugging Face checkpoint (safetensors, config, tokenizer, card) to
-    ``job.output_uri``, staged and moved into place. ``state`` is the full state dict (gathered from
-    ZeRO-3 partitions). LoRA adapters are merged into a fresh copy of the base model, or saved alone
-    when lora.merge is off. Runs on rank 0 only."""
-    if not job.output_uri or state is None:
-        return None
-    stage = storage.staging_dir(job.output_uri)
-    try:
-        if job.lora.enabled:
-            _save_lora(module, state, job, stage)
-        else:
-            if moe is not None:
-                module.config.output_router_logits = moe["saved_output_router_logits"]
-            module.save_pretrained(stage, state_dict=state, safe_serialization=True)
-        job.tokenizer.save_pretrained(stage)
-        (stage / "README.md").write_text(job.card, encoding="utf-8")
-        return storage.publish_dir(stage, job.output_uri, overwrite=True)
-    finally:
-        if stage.exists():
-            import shutil
-
-            shutil.rmtree(stage, ignore_errors=True)
-
-
-def _save_lora(module, state: dict, job: TrainJob, stage: Path) -> None:
-    if not job.lora.merge:
-        module.save_pretrained(stage, state_dict=state)
-        return
-    import torch
-    from peft import get_peft_model
-    from transformers import AutoModelForCausalLM
-    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
-
-    unset_hf_deepspeed_config()  # a plain (not partitioned) copy of the base on this rank
-    base = AutoModelForCausalLM.from_pretrained(
-        job.model_path,
-        dtype=torch.bfloat16 if job.precision == "bf16" else torch.float32,
-        revision=job.revision,
-        trust_remote_code=job.trust_remote_code,
-    )
-    fresh = get_peft_model(base, module.peft_config["default"])
-    missing, unexpected = fresh.load_state_dict(state, strict=False)
-    if unexpected or any("lora_" in key for key in missing):
-        raise RuntimeError(
-            f"LoRA state does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
-        )
-    fresh.merge_and_unload().save_pretrained(stage, safe_serialization=True)
 
 
 def moe_warning(model_config, train: TrainConfig) -> str | None:

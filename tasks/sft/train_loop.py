@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from tasks.core.model import MOE_MODEL_TYPES
 from tasks.sft.data import collate, micro_batches
-from tasks.sft.train import export_checkpoint
+from tasks.sft.export import export_checkpoint
 
 log = logging.getLogger("compalign.train")
 TAG = "deepspeed"
@@ -275,7 +275,7 @@ class _Worker:
 
 
 def worker_loop(config: dict) -> None:
-    """Ray Train's train_loop_per_worker: train ``config["job"]`` (a tasks.sft.train.TrainJob)."""
+    """Ray Train's train_loop_per_worker: train ``config["job"]`` (a tasks.sft.job.TrainJob)."""
     job = config["job"]
     for key, value in job.env.items():
         os.environ.setdefault(key, value)

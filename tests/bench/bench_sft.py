@@ -31,7 +31,8 @@ from tasks.core.model import convert_gguf, packaged_gguf_path, prepare_tokenizer
 from tasks.runtime.workers import init_ray  # noqa: E402
 from tasks.sft.config import DeepSpeedSettings, LoraSettings, SftDataConfig, TrainConfig  # noqa: E402
 from tasks.sft.data import collate, load_conversations, micro_batches, tokenize_set  # noqa: E402
-from tasks.sft.train import TrainJob, deepspeed_config, ensure_torch_extensions_dir, fit, plan, worker_env  # noqa: E402
+from tasks.sft.job import TrainJob  # noqa: E402
+from tasks.sft.train import deepspeed_config, ensure_torch_extensions_dir, fit, plan, worker_env  # noqa: E402
 from tests.conftest import make_tiny  # noqa: E402
 
 BATCH, WORKERS, MAX_LENGTH = 4, 2, 128

@@ -16,8 +16,8 @@ import torch
 from tasks.core.errors import CompalignError
 from tasks.sft.config import DeepSpeedSettings, LoraSettings, SftDataConfig, TrainConfig
 from tasks.sft.data import load_conversations, split_train_val, tokenize_set
+from tasks.sft.job import TrainJob
 from tasks.sft.train import (
-    TrainJob,
     deepspeed_config,
     ensure_torch_extensions_dir,
     fit,
