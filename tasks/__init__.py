@@ -5,9 +5,9 @@ checkpoints, plots, bootstrap intervals) under everything; ``directions`` (colle
 activation cache, candidate directions, scoring, selection, refinement, orthogonalization) and
 ``evaluation`` (generation, judges, evaluation specs, lm-evaluation-harness) for the abliterate flow;
 ``sweep`` (search spaces and samplers, trials, per-layer kernels) for the sweep flow; ``sft`` (config,
-data, refusal filter, job spec, training driver and loop, checkpoint export) for the finetune flow; ``runtime`` (Ray: the model
-workers and their pool), the only room that imports ray. ``data/`` holds the bundled prompt sets, texts,
-labelled answers and the fixture adapter.
+data, refusal filter, job spec, the Ray Train driver and training loop, checkpoint export) for the
+finetune flow; ``runtime`` (the Ray model workers and their pool). ``data/`` holds the bundled prompt
+sets, texts, labelled answers and the fixture adapter.
 """
 
 from pathlib import Path
