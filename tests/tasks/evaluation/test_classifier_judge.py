@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 
 from tasks.core.config import JudgeConfig
 from tasks.core.errors import CompalignError
@@ -129,3 +130,16 @@ def test_second_judge_config():
         CompalignError, match="data.judge.second must be auto, classifier, trigram, none or hub:"
     ):
         JudgeConfig(second="llm")
+
+
+def test_the_fit_is_cached_by_content(tmp_path, monkeypatch):
+    from tasks.evaluation.classifier_judge import _weights_file
+
+    monkeypatch.setenv("COMPALIGN_MODEL_CACHE", str(tmp_path))
+    first = ClassifierJudge()
+    cached = _weights_file()
+    assert cached.is_file() and cached.parent == tmp_path
+    again = ClassifierJudge()  # loads the cached fit
+    assert torch.equal(again.weights, first.weights)
+    refit = ClassifierJudge(rows=load_labelled(), embedder=again.embedder)  # given rows: always fitted
+    assert torch.equal(refit.weights, first.weights)
