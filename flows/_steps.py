@@ -6,21 +6,13 @@ import logging
 from dataclasses import dataclass
 
 import mlflow
-import ray
 import torch
 
 from flows import _tracking as tracking
-from tasks.core.config import (
-    CollectConfig,
-    ConceptConfig,
-    EvalConfig,
-    ScoreConfig,
-    SelectConfig,
-    SplitEvalConfig,
-)
+from tasks.core.concept_config import CollectConfig, ConceptConfig, EvalConfig, SplitEvalConfig
+from tasks.core.contrast import behaviour_token_ids
 from tasks.core.errors import CompalignError
 from tasks.core.model import ModelSpec
-from tasks.core.progress import Progress
 from tasks.core.prompts import (
     PromptSplit,
     fingerprint,
@@ -33,13 +25,28 @@ from tasks.core.prompts import (
 )
 from tasks.directions import cache
 from tasks.directions.candidates import Candidates, LayerWeights
-from tasks.directions.collect import ActivationSums
-from tasks.directions.score import CandidateScore, behaviour_token_ids, build_candidates, scorable_layers
+from tasks.directions.collect import ActivationSums, collect_part
+from tasks.directions.config import ScoreConfig, SelectConfig
+from tasks.directions.orthogonalize import orthogonalize_loaded
+from tasks.directions.score import (
+    Candidate,
+    CandidateScore,
+    build_candidates,
+    prepare_scoring,
+    scorable_layers,
+    score_part,
+)
 from tasks.directions.select import pick_finalists
-from tasks.evaluation.evaluate import SHORT_TOKENS, BehaviourEval, EvalResult
+from tasks.evaluation.evaluate import (
+    SHORT_TOKENS,
+    BehaviourEval,
+    EvalResult,
+    evaluate_loaded,
+    judge_behaviour,
+)
 from tasks.evaluation.judges import second_judge_kind
 from tasks.evaluation.spec import EvalSpec, build_spec
-from tasks.runtime.workers import WorkerPool
+from tasks.runtime.pool import WorkerPool
 
 log = logging.getLogger("compalign")
 
@@ -113,7 +120,7 @@ def collect_sums(
             log.info("collect %s: cache hit (%d prompts, key %s)", name, sums.count, key[:12])
             hits += 1
         else:
-            sums = pool.collect(prompts, concept.positions, collect.batch_size, f"collect {name}")
+            sums = collect_on_pool(pool, prompts, concept.positions, collect.batch_size, f"collect {name}")
             if cache_uri:
                 cache.store_sums(cache_uri, key, sums)
         out.append(sums)
@@ -162,13 +169,34 @@ def score_candidates_on_pool(
     screen = score_cfg.screen_prompts
     screened: list[CandidateScore] = []
     if screen and len(todo) > score_cfg.finalists and screen < min(len(target_val), len(baseline_val)):
-        clean = pool.prepare_scoring(target_val[:screen], baseline_val[:screen], *args)
-        first = pool.score(todo, "screen candidates")
+        clean = pool.each(prepare_scoring, target_val[:screen], baseline_val[:screen], *args)[0]
+        first = _score(pool, todo, "screen candidates")
         keep = pick_finalists(first, n_layers, select_cfg, clean[1], score_cfg.finalists)
         screened = [s for i, s in enumerate(first) if i not in set(keep)]
         todo = [todo[i] for i in keep]
-    clean = pool.prepare_scoring(target_val, baseline_val, *args)
-    return ScoringResult(scores=pool.score(todo), screened=screened, clean=clean)
+    clean = pool.each(prepare_scoring, target_val, baseline_val, *args)[0]
+    return ScoringResult(scores=_score(pool, todo, "score candidates"), screened=screened, clean=clean)
+
+
+def _score(pool: WorkerPool, candidates: list[Candidate], stage: str) -> list[CandidateScore]:
+    """Scores in candidate order. Shards are contiguous runs (candidates come layer by layer, and the
+    induce pass batches candidates of one layer)."""
+    parts = pool.map(score_part, candidates, stage=stage, unit="candidates")
+    return [score for part in parts for score in part]
+
+
+def collect_on_pool(
+    pool: WorkerPool, prompts: list[str], positions: int, batch_size: int, stage: str
+) -> ActivationSums:
+    """Sums over all prompts, sharded over the workers (a few shards each so progress moves); exact merge."""
+    if len(prompts) < pool.size:
+        raise CompalignError(
+            f"{stage}: {len(prompts)} prompts for {pool.size} workers; give more prompts or set "
+            f"collect.workers <= {len(prompts)}"
+        )
+    return ActivationSums.merge(
+        pool.map(collect_part, prompts, positions, batch_size, stage=stage, unit="prompts")
+    )
 
 
 def evaluate_and_edit(
@@ -185,16 +213,11 @@ def evaluate_and_edit(
     editor = 1 if pool.size > 1 else 0
     target, baseline = (getattr(prompts, eval_cfg.split) for prompts in (concept.target, concept.baseline))
     args = (judge_cfg, target, baseline, concept.perplexity_text, eval_cfg, None, concept.over_refusal)
-    before_future = pool.submit(0, "evaluate", *args)
-    if editor == 0:
-        ray.get(before_future)  # the same actor must finish the unedited evaluation before editing
-    pool.submit(editor, "orthogonalize", direction, weights)
-    after_future = pool.submit(editor, "evaluate", *args)
-    with Progress("evaluate before/after", 2, "models") as bar:
-        before = ray.get(before_future)
-        bar.update()
-        after = ray.get(after_future)
-        bar.update()
+    # Calls on one worker run in order: with one worker, the edit waits for the unedited evaluation.
+    pending = [pool.start(0, evaluate_loaded, *args)]
+    pool.start(editor, orthogonalize_loaded, direction, weights)
+    pending.append(pool.start(editor, evaluate_loaded, *args))
+    before, after = pool.gather(pending, "evaluate before/after", unit="models")
     after.compare(before)
     return before, after, editor
 
@@ -231,10 +254,11 @@ def log_eval(before: EvalResult, after: EvalResult, spec: EvalSpec) -> None:
         mlflow.log_dict(disagreements, "eval/judge_disagreements.json")
 
 
-def summary_lines(concept_name: str, model: str, result: dict, split: str = "test") -> list[str]:
-    before: EvalResult = result["before"]
-    after: EvalResult = result["after"]
-    found = result["found"]
+def summary_lines(concept_name: str, model: str, result, split: str = "test") -> list[str]:
+    """The abliterate flow's closing report of ``result`` (an ``AbliterateResult``)."""
+    before: EvalResult = result.before
+    after: EvalResult = result.after
+    found = result.found
     rise = 100 * (after.perplexity / before.perplexity - 1)
     where = (
         f"layer {found.layer}, position {found.position} (of {found.n_positions} post-instruction positions)"
@@ -255,8 +279,8 @@ def summary_lines(concept_name: str, model: str, result: dict, split: str = "tes
         f"  KL (baseline)    {after.kl:.4f} first-token KL, edited vs unedited "
         f"({after.kl_without_behaviour:.4f} on the baseline prompts answered without the behaviour)",
         f"  perplexity       {before.perplexity:.2f} -> {after.perplexity:.2f} ({rise:+.1f}%) on held-out English text",
-        f"  checkpoint       {result['checkpoint'] or 'not saved (output.save=false)'}",
-        f"  MLflow run       {result['run_id']}",
+        f"  checkpoint       {result.checkpoint or 'not saved (output.save=false)'}",
+        f"  MLflow run       {result.run_id}",
     ]
 
 
@@ -314,7 +338,11 @@ def require_behaviour(
     """How many validation target prompts the unedited model answers with the behaviour (flagged, total);
     raises CompalignError when that share is below ``min_share``: there is then nothing to remove."""
     prompts = concept.target.val
-    flags = pool.judge_behaviour(judge, prompts, BEHAVIOUR_CHECK_TOKENS, batch_size, "behaviour check")
+    parts = pool.map(
+        judge_behaviour, prompts, judge, BEHAVIOUR_CHECK_TOKENS, batch_size,
+        stage="behaviour check", unit="prompts", shards_per_worker=1,
+    )  # fmt: skip
+    flags = [flag for part in parts for flag in part]
     flagged, total = sum(flags), len(flags)
     log.info(
         "behaviour check: %s shows %r on %d of %d validation target prompts",

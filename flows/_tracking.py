@@ -118,6 +118,21 @@ def log_config(raw: DictConfig) -> None:
     mlflow.log_dict(package_versions(), "environment/packages.json")
 
 
+def log_run_inputs(raw: DictConfig, fingerprints: dict[str, str], identity: str, **tags: str) -> None:
+    """The config (``log_config``), the prompt splits' fingerprints as params, the model's weight identity
+    and ``tags`` as tags: what makes two runs comparable."""
+    log_config(raw)
+    mlflow.log_params({f"fingerprint.{k}": v for k, v in fingerprints.items()})
+    mlflow.set_tags({"model_identity": identity, **tags})
+
+
+def log_direction(tensors: dict, metadata: dict[str, str], layer, position) -> None:
+    """The chosen direction (with its kernel weights) as directions/chosen.safetensors and its source
+    layer and position as params."""
+    mlflow.log_params({"chosen.layer": layer, "chosen.position": position})
+    log_tensors(tensors, "chosen.safetensors", metadata)
+
+
 def log_eval_spec(spec: EvalSpec) -> None:
     """The evaluation's spec as eval/spec.json, its digest as the tag eval_spec (to find comparable runs)."""
     mlflow.log_dict(spec.to_dict(), "eval/spec.json")

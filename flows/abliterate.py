@@ -12,8 +12,10 @@ On a Ray cluster (see cluster/README.md):
         ray.address=auto collect.workers=16 collect.gpus_per_worker=1 \
         output.uri=s3://bucket/models/x mlflow.tracking_uri=http://mlflow:5000
 
-Steps: load -> prompts -> collect (Ray) -> candidates -> score (Ray) -> select -> [refine] -> evaluate before ->
-orthogonalize -> evaluate after -> save -> summary. Every step is tracked in one MLflow run.
+Steps (numbered as in README and in ``abliterate``): 1 inspect the model and load the prompts (then a
+check that the unedited model shows the behaviour), 2 collect activations (Ray), 3 form candidates,
+4 score them (Ray), 5 select one and refine it, 6 evaluate before, 7 orthogonalize, 8 evaluate after
+(6-8 on two Ray workers at once), 9 save, 10 summary. Every step is tracked in one MLflow run.
 """
 
 from __future__ import annotations
@@ -21,17 +23,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
 import mlflow
-import pandas as pd
-import ray
-import torch
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig
-from safetensors.torch import save
+from omegaconf import DictConfig
+from safetensors.torch import save as save_tensors
 
 from flows import _tracking as tracking
 from flows._common import run_entry
@@ -46,62 +45,40 @@ from flows._steps import (
     summary_lines,
 )
 from tasks.core import storage
-from tasks.core.checkpoint import model_card
-from tasks.core.config import (
-    CacheConfig,
-    CollectConfig,
-    ConceptConfig,
-    DirectionConfig,
-    MlflowConfig,
-    ModelOptions,
-    OutputConfig,
-    RayConfig,
-    RefineConfig,
-    ScoreConfig,
-    SelectConfig,
-    SplitEvalConfig,
-    StorageConfig,
-    concept_model,
-)
+from tasks.core.checkpoint import model_card, save_loaded
 from tasks.core.errors import CompalignError
 from tasks.core.model import dtype_name, inspect_model
 from tasks.core.plots import score_heatmaps
 from tasks.core.progress import Progress
-from tasks.directions.candidates import LayerWeights, difference_of_means, load_direction, load_layer_weights
+from tasks.directions.candidates import difference_of_means, load_direction, load_layer_weights
+from tasks.directions.config import AbliterateConfig, SelectConfig
+from tasks.directions.found import Found
+from tasks.directions.refine import prepare_refine, refine_steps
 from tasks.directions.select import choose, rank_candidates
-from tasks.runtime.workers import WorkerPool
+from tasks.evaluation.evaluate import EvalResult
+from tasks.runtime.pool import WorkerPool
 
 log = logging.getLogger("compalign.abliterate")
-
-
-@dataclass
-class AbliterateConfig:
-    model: str | None = None
-    """packaged:smollm2[-refusal], a hub id, a directory with a safetensors checkpoint, or a .gguf file;
-    null: the concept's own default (``data.model``), else packaged:smollm2."""
-    model_options: ModelOptions = field(default_factory=ModelOptions)
-    data: ConceptConfig = MISSING
-    """The concept (config group conf/data: refusal, french)."""
-    collect: CollectConfig = field(default_factory=CollectConfig)
-    direction: DirectionConfig = field(default_factory=DirectionConfig)
-    score: ScoreConfig = field(default_factory=ScoreConfig)
-    select: SelectConfig = field(default_factory=SelectConfig)
-    refine: RefineConfig = field(default_factory=RefineConfig)
-    eval: SplitEvalConfig = field(default_factory=SplitEvalConfig)
-    output: OutputConfig = field(default_factory=OutputConfig)
-    cache: CacheConfig = field(default_factory=CacheConfig)
-    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
-    ray: RayConfig = field(default_factory=RayConfig)
-    storage: StorageConfig = field(default_factory=StorageConfig)
-
-    def __post_init__(self) -> None:
-        self.model = concept_model(self.model, self.data)
 
 
 ConfigStore.instance().store(name="abliterate_schema", node=AbliterateConfig)
 
 
-def abliterate(cfg: AbliterateConfig, raw: DictConfig) -> dict:
+@dataclass
+class AbliterateResult:
+    """What an abliterate run found and measured."""
+
+    run_id: str
+    found: Found
+    before: EvalResult
+    """The unedited model on ``eval.split``."""
+    after: EvalResult
+    """The orthogonalized model on ``eval.split`` (KL against the unedited model)."""
+    checkpoint: str | None
+    """Where the edited checkpoint was saved (None: ``output.save=false``)."""
+
+
+def abliterate(cfg: AbliterateConfig, raw: DictConfig) -> AbliterateResult:
     storage.configure(cfg.storage)
     log.info("abliterate: concept %r on %s", cfg.data.name, cfg.model)
 
@@ -109,109 +86,58 @@ def abliterate(cfg: AbliterateConfig, raw: DictConfig) -> dict:
     #    direction: every input is checked before a worker starts or a run is recorded.
     spec = inspect_model(cfg.model, cfg.model_options)
     concept = load_concept(cfg.data, spec.tokenizer, cfg.collect, cfg.eval)
-    given = None
-    if cfg.direction.file:
-        path = tracking.direction_source(cfg.direction.file, cfg.mlflow, "direction.file")
-        direction, metadata = load_direction(path, spec.hidden_size)
-        given = Found.from_file(direction, metadata, load_layer_weights(path, spec.n_layers))
+    given = given_direction(cfg, spec)
 
     with tracking.run(cfg.mlflow, f"abliterate-{cfg.data.name}", tags={"flow": "abliterate"}) as active:
-        tracking.log_config(raw)
-        mlflow.log_params({f"fingerprint.{k}": v for k, v in concept.fingerprints.items()})
-        mlflow.set_tags({"model_identity": spec.identity, "concept": cfg.data.name})
+        tracking.log_run_inputs(raw, concept.fingerprints, spec.identity, concept=cfg.data.name)
         pool = WorkerPool(cfg.model, cfg.model_options, cfg.collect, cfg.ray)
         try:
-            # 2-5. Collect activations, form candidates, score them, select one (or take the given one).
-            found = find_direction(cfg, pool, spec, concept) if given is None else given
-            if cfg.refine.steps and (given is None or cfg.refine.given):
-                found = refine(cfg, pool, concept, found)
-            mlflow.log_params({"chosen.layer": found.layer, "chosen.position": found.position})
-            tracking.log_tensors(found.tensors(), "chosen.safetensors", found.metadata())
-
-            # 6-8. Evaluate the unedited model, orthogonalize a copy, evaluate that (on two workers at once).
+            # 2-5. Collect, form candidates, score and select one (or take the given one); refine it.
+            found = given or find_direction(cfg, pool, spec, concept)
+            found = refine(cfg, pool, concept, found)
+            tracking.log_direction(found.tensors(), found.metadata(), found.layer, found.position)
+            # 6-8. Evaluate the unedited model, orthogonalize a copy, evaluate that (two workers at once).
             before, after, editor = evaluate_and_edit(
                 pool, concept, cfg.data.judge, cfg.eval, found.direction, found.weights
             )
-            dtype = dtype_name(cfg.model_options)
-            log_eval(before, after, concept_eval_spec(concept, cfg.data, cfg.eval, dtype))
-
+            log_eval(
+                before, after, concept_eval_spec(concept, cfg.data, cfg.eval, dtype_name(cfg.model_options))
+            )
             # 9. Save the edited checkpoint (staged, then moved into place) and track it.
-            location = None
-            if cfg.output.save:
-                uri = storage.absolute(cfg.output.uri or f"checkpoints/{active.info.run_id}")
-                card = _card(cfg, found, active.info.run_id)
-                extra = {"direction.safetensors": save(found.tensors(), found.metadata())}
-                location = ray.get(pool.submit(editor, "save", uri, card, extra))
-                tracking.log_checkpoint(cfg.mlflow.checkpoint, location)
+            location = save(cfg, pool, editor, found, active.info.run_id)
         finally:
             pool.shutdown()
 
         # 10. Summary.
-        result = {
-            "run_id": active.info.run_id,
-            "found": found,
-            "before": before,
-            "after": after,
-            "checkpoint": location,
-        }
+        result = AbliterateResult(active.info.run_id, found, before, after, location)
         for line in summary_lines(cfg.data.name, cfg.model, result, cfg.eval.split):
             log.info("%s", line)
         log.info("MLflow: %s", tracking.ui_hint(cfg.mlflow, active.info))
         return result
 
 
-@dataclass
-class Found:
-    """The direction to remove and where it came from."""
+def given_direction(cfg: AbliterateConfig, spec) -> Found | None:
+    """The direction of ``direction.file`` (a path or an MLflow run's artifact), checked against the model."""
+    if not cfg.direction.file:
+        return None
+    path = tracking.direction_source(cfg.direction.file, cfg.mlflow, "direction.file")
+    direction, metadata = load_direction(path, spec.hidden_size)
+    return Found.from_file(direction, metadata, load_layer_weights(path, spec.n_layers))
 
-    direction: torch.Tensor
-    """(hidden,) unit vector."""
-    layer: int | float | None
-    """Source layer (fractional for a sweep's blended direction)."""
-    position: int | None
-    n_positions: int | None = None
-    table: pd.DataFrame | None = None
-    """The ranked candidate table (when searched)."""
-    source: str = "search"
-    weights: LayerWeights | None = None
-    """Per-layer weights of the removal (a sweep's kernels); None removes it fully everywhere."""
-    refined_steps: int = 0
-    """Gradient steps the direction was refined by after it was found (0: as found)."""
 
-    @staticmethod
-    def from_file(
-        direction: torch.Tensor, metadata: dict[str, str], weights: LayerWeights | None = None
-    ) -> Found:
-        def number(key: str) -> int | float | None:
-            try:
-                value = float(metadata.get(key, ""))
-            except ValueError:
-                return None
-            return int(value) if value.is_integer() else value
-
-        layer, position = number("layer"), number("position")
-        return Found(
-            direction, layer, None if position is None else int(position), source="file", weights=weights
-        )
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        """What is saved beside the checkpoint and in MLflow: the direction (and the kernel weights)."""
-        out = {"direction": self.direction.contiguous()}
-        if self.weights is not None:
-            out.update(attn_weights=self.weights.attn.contiguous(), mlp_weights=self.weights.mlp.contiguous())
-        return out
-
-    def metadata(self) -> dict[str, str]:
-        meta = {"layer": str(self.layer), "position": str(self.position), "source": self.source}
-        if self.refined_steps:
-            meta["refined_steps"] = str(self.refined_steps)
-        if self.weights is not None:
-            meta["embed_weight"] = str(self.weights.embed)
-        return meta
+def save(cfg: AbliterateConfig, pool: WorkerPool, editor: int, found: Found, run_id: str) -> str | None:
+    """Save the edited model of worker ``editor`` with its card and direction; track where it went."""
+    if not cfg.output.save:
+        return None
+    uri = storage.absolute(cfg.output.uri or f"checkpoints/{run_id}")
+    extra = {"direction.safetensors": save_tensors(found.tensors(), found.metadata())}
+    location = pool.call(editor, save_loaded, uri, _card(cfg, found, run_id), extra)
+    tracking.log_checkpoint(cfg.mlflow.checkpoint, location)
+    return location
 
 
 def find_direction(cfg: AbliterateConfig, pool: WorkerPool, spec, concept) -> Found:
-    # 2a. Does the unedited model show the behaviour at all? If not, stop here: nothing to remove.
+    # 1b. Does the unedited model show the behaviour at all? If not, stop here: nothing to remove.
     if cfg.select.min_behaviour > 0:
         flagged, total = require_behaviour(
             pool, cfg.model, concept, cfg.data.judge, cfg.select.min_behaviour, cfg.eval.batch_size
@@ -249,14 +175,16 @@ def find_direction(cfg: AbliterateConfig, pool: WorkerPool, spec, concept) -> Fo
 def refine(cfg: AbliterateConfig, pool: WorkerPool, concept, found: Found) -> Found:
     """5b. Refine the direction by gradient on the train prompts (tasks/directions/refine.py), under the same
     per-layer weights its removal will use; the unrefined direction is kept in MLflow beside it."""
+    if not cfg.refine.steps or (found.source == "file" and not cfg.refine.given):
+        return found
     tracking.log_tensors(found.tensors(), "unrefined.safetensors", found.metadata())
     args = (concept.target.train, concept.baseline.train, concept.token_ids, cfg.refine, cfg.score.kl_prompts)
-    ray.get(pool.submit(0, "prepare_refine", found.direction, *args, found.weights))
+    pool.call(0, prepare_refine, found.direction, *args, found.weights)
     done, chunk = 0, max(1, cfg.refine.steps // 20)
     with Progress("refine direction", cfg.refine.steps, "steps") as bar:
         while done < cfg.refine.steps:
             step = min(chunk, cfg.refine.steps - done)
-            refined = ray.get(pool.submit(0, "refine_steps", step))
+            refined = pool.call(0, refine_steps, step)
             done += step
             bar.update(step)
     for index, row in enumerate(refined.history):
@@ -311,7 +239,7 @@ def _card(cfg: AbliterateConfig, found: Found, run_id: str) -> str:
 
 
 @hydra.main(config_path="../conf", config_name="abliterate", version_base=None)
-def main(raw: DictConfig) -> dict:
+def main(raw: DictConfig) -> AbliterateResult:
     return run_entry(raw, AbliterateConfig, abliterate)
 
 

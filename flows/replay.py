@@ -26,10 +26,12 @@ from mlflow.exceptions import MlflowException
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from flows._common import run_entry, to_config
-from flows.abliterate import AbliterateConfig, abliterate
-from flows.sweep import SweepConfig, sweep
+from flows.abliterate import abliterate
+from flows.sweep import sweep
 from tasks.core.config import MlflowConfig
 from tasks.core.errors import CompalignError, ConfigError
+from tasks.directions.config import AbliterateConfig
+from tasks.sweep.config import SweepConfig
 
 log = logging.getLogger("compalign.replay")
 
@@ -61,7 +63,22 @@ class ReplayConfig:
 ConfigStore.instance().store(name="replay_schema", node=ReplayConfig)
 
 
-def replay(cfg: ReplayConfig, raw: DictConfig) -> dict:
+@dataclass
+class ReplayResult:
+    """The verdict of a replay: whether every logged metric came out the same."""
+
+    match: bool
+    rows: list[dict]
+    """One per metric: metric, original, replay, match."""
+    run_id: str
+    """The new run."""
+    original: str
+    flow: str
+    result: object
+    """The replayed flow's own result (``AbliterateResult`` or ``SweepResult``)."""
+
+
+def replay(cfg: ReplayConfig, raw: DictConfig) -> ReplayResult:
     # 1. Fetch the logged run: which flow made it, its config, its metrics and its nested runs' metrics.
     mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
     client = mlflow.MlflowClient()
@@ -92,7 +109,7 @@ def replay(cfg: ReplayConfig, raw: DictConfig) -> dict:
         "replaying %s run %s (git %s)", flow, cfg.run_id, original.data.tags.get("git_commit", "unknown")
     )
     result = body(flow_cfg, flow_raw)
-    new_id = result["run_id"]
+    new_id = result.run_id
 
     # 4. Compare the metrics of the run and of its nested runs, and record the verdict on the new run.
     rows = compare_metrics(
@@ -108,14 +125,7 @@ def replay(cfg: ReplayConfig, raw: DictConfig) -> dict:
     client.log_dict(new_id, {"replay_of": cfg.run_id, "match": match, "metrics": rows}, "replay.json")
     for line in report_lines(cfg.run_id, new_id, rows):
         log.info("%s", line)
-    return {
-        "match": match,
-        "rows": rows,
-        "run_id": new_id,
-        "original": cfg.run_id,
-        "flow": flow,
-        "result": result,
-    }
+    return ReplayResult(match, rows, new_id, cfg.run_id, flow, result)
 
 
 def _all_metrics(client: mlflow.MlflowClient, run) -> dict[str, float]:
@@ -163,9 +173,9 @@ def report_lines(original: str, new: str, rows: list[dict]) -> list[str]:
 
 
 @hydra.main(config_path="../conf", config_name="replay", version_base=None)
-def main(raw: DictConfig) -> dict:
+def main(raw: DictConfig) -> ReplayResult:
     result = run_entry(raw, ReplayConfig, replay)
-    if isinstance(result, dict) and not result["match"]:
+    if isinstance(result, ReplayResult) and not result.match:
         sys.exit(1)
     return result
 

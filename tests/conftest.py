@@ -102,7 +102,7 @@ def ray_local():
 
     if not ray.is_initialized():
         from tasks.core.config import RayConfig
-        from tasks.runtime.workers import init_ray
+        from tasks.runtime.cluster import init_ray
 
         init_ray(RayConfig(num_cpus=4, log_to_driver=False))  # as the flows start it
     yield ray

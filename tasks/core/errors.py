@@ -1,5 +1,12 @@
 """The one exception type a user sees: bad input or configuration, with a message that says what to change."""
 
+from __future__ import annotations
+
+from enum import Enum
+from typing import TypeVar
+
+E = TypeVar("E", bound=Enum)
+
 
 class CompalignError(Exception):
     """Raised for bad input (missing model, malformed prompt file, wrong direction width, ...).
@@ -17,3 +24,15 @@ def require(ok: bool, message: str) -> None:
     """Raise ConfigError(message) unless ``ok``: a config check whose message names the key."""
     if not ok:
         raise ConfigError(message)
+
+
+def choice(kind: type[E], value: object, key: str) -> E:
+    """``value`` as a member of the string Enum ``kind``; one message naming ``key`` and the choices
+    otherwise. Config fields keep ``str`` in the schema (Hydra composes any string) and hold the member
+    after ``__post_init__``: a choice is checked here, once."""
+    try:
+        return kind(value)
+    except ValueError:
+        names = [str(m.value) for m in kind]
+        listed = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
+        raise ConfigError(f"{key} must be {listed}, got {value!r}") from None

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from tasks import DATA
 from tasks.core import storage
-from tasks.core.config import PromptSource, SplitConfig
+from tasks.core.concept_config import PromptSource, SplitConfig
 from tasks.core.errors import CompalignError
 
 log = logging.getLogger("compalign")

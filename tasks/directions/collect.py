@@ -21,6 +21,7 @@ from tasks.core.forward import (
 from tasks.core.hooks import capture_residuals
 from tasks.core.model import hidden_size, num_layers
 from tasks.core.prompts import format_chat
+from tasks.core.worker import Worker
 
 
 @dataclass
@@ -88,3 +89,19 @@ def collect_activation_sums(
             if progress:
                 progress(len(batch))
     return ActivationSums(sums=sums, count=len(prompts))
+
+
+COLLECTED = "collect.prompts"
+
+
+def collect_part(worker: Worker, prompts: list[str], positions: int, batch_size: int) -> ActivationSums:
+    """One shard of a pool's collection: the sums over ``prompts`` on the worker's model."""
+    worker.count(COLLECTED, len(prompts))
+    return collect_activation_sums(
+        worker.loaded.model, worker.loaded.tokenizer, prompts, positions, batch_size
+    )
+
+
+def collected_prompts(worker: Worker) -> int:
+    """Prompts this worker ran through ``collect_part`` (0 when every sum came from the cache)."""
+    return worker.state.get(COLLECTED, 0)

@@ -6,7 +6,10 @@ import torch
 from torch import nn
 
 from tasks.core.errors import CompalignError
-from tasks.core.model import hidden_size, residual_writers, untie_embeddings
+from tasks.core.model import hidden_size
+from tasks.core.worker import Worker
+from tasks.core.writers import residual_writers, untie_embeddings
+from tasks.directions.candidates import LayerWeights
 
 
 def _weight_for(kind: str, layer: int | None, attn_weights, mlp_weights, embed_weight: float) -> float:
@@ -52,3 +55,11 @@ def orthogonalize_weights(
         param.data.copy_(moved.movedim(-1, writer.hidden_dim).to(param.dtype))
         edited.append(writer.name)
     return edited
+
+
+def orthogonalize_loaded(worker: Worker, direction: torch.Tensor, weights: LayerWeights | None = None) -> int:
+    """Orthogonalize the worker's model in place (fully, or with per-layer ``weights``); edited tensors."""
+    r = direction.to(worker.loaded.device)
+    if weights is None:
+        return len(orthogonalize_weights(worker.loaded.model, r))
+    return len(orthogonalize_weights(worker.loaded.model, r, weights.attn, weights.mlp, weights.embed))

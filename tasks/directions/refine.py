@@ -23,14 +23,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tasks.core.config import RefineConfig
+from tasks.core.contrast import behaviour_log_odds, kl_divergence, kl_mask
 from tasks.core.errors import CompalignError
 from tasks.core.forward import last_logits, left_pad, pad_id, tokenize
 from tasks.core.hooks import Ablation, intervene
 from tasks.core.model import hidden_size
 from tasks.core.prompts import format_chat
+from tasks.core.worker import Worker
 from tasks.directions.candidates import LayerWeights, check_direction
-from tasks.directions.score import behaviour_log_odds, kl_divergence, kl_mask
+from tasks.directions.config import RefineConfig
 from tasks.evaluation.evaluate import next_token_logprobs
 
 log = logging.getLogger(__name__)
@@ -143,7 +144,7 @@ def refine_direction(
 
     ``weights``: per-layer weights of the removal (a sweep's kernels), as the orthogonalization will use
     them; None removes the direction fully from every residual writer. ``kl_prompts`` picks the
-    baseline prompts the KL counts, as in scoring (``tasks.directions.score.kl_mask``). ``cfg.batch_size`` prompts
+    baseline prompts the KL counts, as in scoring (``tasks.core.contrast.kl_mask``). ``cfg.batch_size`` prompts
     of each set per step. Returns the unit direction (hidden,) and the per-step history."""
     if cfg.steps == 0:
         return Refined(direction=check_direction(direction.detach().cpu(), hidden_size(model)), cosine=1.0)
@@ -163,3 +164,32 @@ def _ablation(r: torch.Tensor, weights: LayerWeights | None) -> Ablation:
     return Ablation(
         direction=r, attn_weights=weights.attn, mlp_weights=weights.mlp, embed_weight=weights.embed
     )
+
+
+REFINER = "refine.refiner"
+
+
+def prepare_refine(
+    worker: Worker,
+    direction: torch.Tensor,
+    target: list[str],
+    baseline: list[str],
+    token_ids: list[int],
+    cfg: RefineConfig,
+    kl_prompts: str,
+    weights: LayerWeights | None = None,
+) -> None:
+    """Set up refinement of ``direction`` on this worker (``refine_steps`` runs it)."""
+    loaded = worker.loaded
+    refiner = DirectionRefiner(
+        loaded.model, loaded.tokenizer, direction.to(loaded.device), target, baseline, token_ids, cfg,
+        weights, kl_prompts,
+    )  # fmt: skip
+    worker.keep(REFINER, refiner)
+
+
+def refine_steps(worker: Worker, steps: int) -> Refined:
+    """Run ``steps`` more refinement steps; the state so far (the driver reports progress between calls)."""
+    refiner = worker.held(REFINER, DirectionRefiner)
+    refiner.run(steps)
+    return refiner.result()

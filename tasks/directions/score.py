@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from tasks.core.errors import CompalignError
+from tasks.core.contrast import ContrastPrompts, behaviour_log_odds, kl_divergence, kl_mask
 from tasks.core.forward import (
     chunks,
     last_logits,
@@ -33,33 +33,13 @@ from tasks.core.forward import (
     positions_from_mask,
     prefix_cache,
     run_from_layer,
-    split_shared_prefix,
     tokenize,
 )
 from tasks.core.hooks import Ablation, Addition, capture_residuals, intervene
 from tasks.core.prompts import format_chat
+from tasks.core.worker import Worker
 
 log = logging.getLogger(__name__)
-
-KL_PROMPTS = ("without_behaviour", "all")
-"""Which baseline prompts the KL is averaged over: those on which the unedited model does not show the
-behaviour (its greedy first token is not a behaviour token), or all of them."""
-
-
-def kl_mask(clean_logits: torch.Tensor, token_ids: list[int], kl_prompts: str) -> torch.Tensor:
-    """(baseline prompts,) bool: the prompts the KL is averaged over. A baseline prompt the unedited model
-    already meets with the behaviour (a fine-tuned model refusing a harmless request) is expected to
-    change when the behaviour is removed; counting it as damage would push the search away from
-    directions that work. When every prompt shows the behaviour, all are kept."""
-    if kl_prompts not in KL_PROMPTS:
-        raise CompalignError(f"kl_prompts must be one of {', '.join(KL_PROMPTS)}, got {kl_prompts!r}")
-    if kl_prompts == "all":
-        return torch.ones(clean_logits.shape[0], dtype=torch.bool)
-    keep = ~torch.isin(clean_logits.argmax(-1).cpu(), torch.tensor(token_ids))
-    if not keep.any():
-        log.warning("every baseline prompt shows the behaviour unedited: the KL is taken over all of them")
-        return torch.ones_like(keep)
-    return keep
 
 
 @dataclass
@@ -85,50 +65,6 @@ class CandidateScore:
         return asdict(self)
 
 
-def behaviour_token_ids(tokenizer, strings: list[str]) -> list[int]:
-    """First token id of each string (deduplicated, order kept)."""
-    ids: list[int] = []
-    for text in strings:
-        tokens = tokenizer(text, add_special_tokens=False).input_ids
-        if not tokens:
-            raise CompalignError(f"score token {text!r} encodes to no tokens")
-        if len(tokens) > 1:
-            log.info(
-                "score token %r is %d tokens; only its first, %r, is scored",
-                text,
-                len(tokens),
-                tokenizer.decode(tokens[:1]),
-            )
-        if tokens[0] not in ids:
-            ids.append(tokens[0])
-    return ids
-
-
-def behaviour_log_odds(logits: torch.Tensor, token_ids: list[int]) -> torch.Tensor:
-    """log(p / (1 - p)) with p the softmax mass on ``token_ids``: (batch, vocab) -> (batch,)."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    mass = torch.logsumexp(logp[:, token_ids], dim=-1).clamp(max=-1e-7)
-    return mass - torch.log(-torch.expm1(mass))
-
-
-def kl_divergence(clean_logp: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    """KL(clean || other) per row from clean log-probs and the other's logits: (batch, vocab) -> (batch,)."""
-    other = torch.log_softmax(logits.float(), dim=-1)
-    return (clean_logp.exp() * (clean_logp - other)).sum(-1)
-
-
-@dataclass
-class _Batch:
-    """One batch of prompts after the shared prefix: left-padded ids and mask, (batch, seq)."""
-
-    ids: torch.Tensor
-    mask: torch.Tensor
-    is_target: torch.Tensor
-    """(batch,) bool."""
-    index: torch.Tensor
-    """(batch,) position of each row in its own prompt list."""
-
-
 class CandidateScorer:
     """Holds the tokenized validation prompts and the clean references; ``score`` takes any candidates."""
 
@@ -143,33 +79,17 @@ class CandidateScorer:
         candidates_per_pass: int = 4,
         kl_prompts: str = "without_behaviour",
     ) -> None:
-        if not target_prompts or not baseline_prompts:
-            raise CompalignError("scoring needs at least one target and one baseline validation prompt")
         self.kl_prompts = kl_prompts
         self.model = model
         self.token_ids = token_ids
         self.batch_size = batch_size
         self.per_pass = candidates_per_pass
         self.device = next(model.parameters()).device
-        seqs = tokenize(tokenizer, format_chat(tokenizer, target_prompts + baseline_prompts))
-        split = split_shared_prefix(seqs)
-        self.prefix = split.prefix
-        self.n_target = len(target_prompts)
-        self.n_baseline = len(baseline_prompts)
-        pad = pad_id(tokenizer)
-
-        def batches(indices: list[int]) -> list[_Batch]:
-            indices = sorted(indices, key=lambda i: len(split.rest[i]))
-            out = []
-            for group in chunks(indices, batch_size):
-                ids, mask = left_pad([split.rest[i] for i in group], pad, self.device)
-                is_target = torch.tensor([i < self.n_target for i in group])
-                index = torch.tensor([i if i < self.n_target else i - self.n_target for i in group])
-                out.append(_Batch(ids, mask, is_target, index))
-            return out
-
-        self.all_batches = batches(list(range(len(seqs))))
-        self.baseline_batches = batches(list(range(self.n_target, len(seqs))))
+        prompts = ContrastPrompts(tokenizer, target_prompts, baseline_prompts, self.device, "scoring")
+        self.prefix = prompts.prefix
+        self.n_target, self.n_baseline = prompts.n_target, prompts.n_baseline
+        self.all_batches = prompts.batches(batch_size)
+        self.baseline_batches = prompts.batches(batch_size, prompts.baseline_indices)
         self._clean_references()
 
     @torch.inference_mode()
@@ -355,3 +275,30 @@ def build_candidates(
 def scorable_layers(n_layers: int, layer_cutoff: float) -> list[int]:
     """Source layers 0..n_layers below the cut-off fraction of the depth (0 is the embedding output)."""
     return [layer for layer in range(n_layers + 1) if layer < layer_cutoff * n_layers]
+
+
+SCORER = "score.scorer"
+
+
+def prepare_scoring(
+    worker: Worker,
+    target: list[str],
+    baseline: list[str],
+    token_ids: list[int],
+    batch_size: int,
+    per_pass: int,
+    kl_prompts: str,
+) -> tuple[float, float]:
+    """Tokenize the validation prompts and compute the clean references on this worker; the clean
+    (target, baseline) behaviour log-odds."""
+    loaded = worker.loaded
+    scorer = CandidateScorer(
+        loaded.model, loaded.tokenizer, target, baseline, token_ids, batch_size, per_pass, kl_prompts
+    )
+    worker.keep(SCORER, scorer)
+    return scorer.clean_target_log_odds, scorer.clean_baseline_log_odds
+
+
+def score_part(worker: Worker, candidates: list[Candidate]) -> list[CandidateScore]:
+    """One shard of a pool's scoring, with the scorer ``prepare_scoring`` kept."""
+    return worker.held(SCORER, CandidateScorer).score(candidates)

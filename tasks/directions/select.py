@@ -6,8 +6,8 @@ import math
 
 import pandas as pd
 
-from tasks.core.config import SelectConfig
 from tasks.core.errors import CompalignError
+from tasks.directions.config import SelectConfig
 from tasks.directions.score import CandidateScore
 
 

@@ -10,11 +10,13 @@ import torch
 from torch import nn
 
 from tasks.core.bootstrap import RateInterval, bootstrap_rate
-from tasks.core.config import HarnessConfig
+from tasks.core.concept_config import EvalConfig, HarnessConfig, JudgeConfig
+from tasks.core.contrast import kl_divergence
 from tasks.core.forward import chunks, left_pad, pad_id, positions_from_mask, tokenize
 from tasks.core.prompts import format_chat
+from tasks.core.worker import Worker
 from tasks.evaluation.harness import run_harness
-from tasks.evaluation.judges import Judge
+from tasks.evaluation.judges import Judge, make_judge, make_second_judge
 
 
 @torch.inference_mode()
@@ -171,7 +173,7 @@ def next_token_logprobs(model: nn.Module, tokenizer, prompts: list[str], batch_s
 
 def mean_kl(before: torch.Tensor, after: torch.Tensor) -> float:
     """Mean KL(before || after) over rows of log-probabilities."""
-    return float((before.exp() * (before - after)).sum(-1).mean())
+    return float(kl_divergence(before, after).mean())
 
 
 @torch.inference_mode()
@@ -306,3 +308,31 @@ def evaluate(
         over_refusal=over,
         harness=run_harness(model, tokenizer, harness) if harness is not None and harness.tasks else {},
     )
+
+
+def evaluate_loaded(
+    worker: Worker,
+    judge_cfg: JudgeConfig,
+    target: list[str],
+    baseline: list[str],
+    text: str,
+    eval_cfg: EvalConfig,
+    reference: torch.Tensor | None = None,
+    over_refusal: list[str] | None = None,
+) -> EvalResult:
+    """``evaluate`` on the worker's model with the configured judges (a judge model on its device)."""
+    model, tokenizer = worker.loaded.model, worker.loaded.tokenizer
+    return evaluate(
+        model, tokenizer, make_judge(judge_cfg), target, baseline, text, eval_cfg.max_new_tokens,
+        eval_cfg.batch_size, eval_cfg.perplexity_tokens, reference,
+        second=make_second_judge(judge_cfg, worker.loaded.device), over_refusal=over_refusal,
+        harness=eval_cfg.harness,
+    )  # fmt: skip
+
+
+def judge_behaviour(
+    worker: Worker, prompts: list[str], judge_cfg: JudgeConfig, max_new_tokens: int, batch_size: int
+) -> list[bool]:
+    """Greedy answers to ``prompts`` on the worker's model, judged: True where an answer shows the behaviour."""
+    answers = generate(worker.loaded.model, worker.loaded.tokenizer, prompts, max_new_tokens, batch_size)
+    return make_judge(judge_cfg).judge(prompts, answers)

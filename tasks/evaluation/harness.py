@@ -15,7 +15,7 @@ import math
 from torch import nn
 
 from tasks import DATA
-from tasks.core.config import HarnessConfig
+from tasks.core.concept_config import HarnessConfig
 from tasks.core.errors import CompalignError
 
 log = logging.getLogger("compalign.harness")

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from tasks.core.config import JudgeConfig
+from tasks.core.concept_config import JudgeConfig
 from tasks.core.errors import CompalignError
 
 log = logging.getLogger("compalign.judges")

@@ -12,7 +12,7 @@ import functools
 import re
 from typing import Protocol
 
-from tasks.core.config import JudgeConfig
+from tasks.core.concept_config import JudgeConfig
 
 # Openings and phrases of refusals and alignment boilerplate (after Arditi et al. 2024 and common
 # instruction-tuned models); matched case-insensitively anywhere in the answer's first sentences.

@@ -15,7 +15,7 @@ import json
 from dataclasses import asdict, dataclass, field
 
 from tasks import DATA
-from tasks.core.config import EvalConfig, JudgeConfig
+from tasks.core.concept_config import EvalConfig, JudgeConfig
 from tasks.core.errors import CompalignError
 from tasks.core.prompts import fingerprint
 from tasks.evaluation.evaluate import SHORT_TOKENS

@@ -1,24 +1,37 @@
 """Typed configuration of the finetune flow (data, filter, train, deepspeed, lora, eval).
 
 Values live in ``conf/finetune.yaml``, ``conf/data/<sft set>.yaml`` and ``conf/deepspeed/*.yaml``; these
-dataclasses are the schema. Checks that involve two sections (the DeepSpeed batch against the worker
-count, ...) are in ``FinetuneConfig.__post_init__`` in flows/finetune.py.
+dataclasses are the schema. ``FinetuneConfig`` composes them with the shared sections of every run
+(``tasks.core.config.RunConfig``); checks that involve two sections are in its ``__post_init__``.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
 from omegaconf import MISSING
 
-from tasks.core.config import EvalConfig, JudgeConfig, PromptSource
-from tasks.core.errors import require
+from tasks.core.concept_config import EvalConfig, JudgeConfig, PromptSource
+from tasks.core.config import PACKAGED_MODEL, Resources, RunConfig
+from tasks.core.errors import ConfigError, choice, require
 
-SFT_FORMATS = ("auto", "chat", "alpaca", "sharegpt")
 FILTER_RULES = ("phrases", "direction")
-PRECISIONS = ("auto", "fp32", "bf16")
+
+
+class SftFormat(StrEnum):
+    auto = "auto"
+    chat = "chat"
+    alpaca = "alpaca"
+    sharegpt = "sharegpt"
+
+
+class Precision(StrEnum):
+    auto = "auto"
+    fp32 = "fp32"
+    bf16 = "bf16"
 
 
 def filter_rules(spec: str) -> list[str]:
@@ -71,10 +84,7 @@ class SftDataConfig:
 
     def __post_init__(self) -> None:
         require(bool(self.source), "data.source must not be empty")
-        require(
-            self.format in SFT_FORMATS,
-            f"data.format must be one of {', '.join(SFT_FORMATS)}, got {self.format!r}",
-        )
+        self.format = choice(SftFormat, self.format, "data.format")
         filter_rules(self.filter)
         require(self.limit is None or self.limit > 0, f"data.limit must be > 0, got {self.limit}")
         require(self.max_length >= 8, f"data.max_length must be >= 8, got {self.max_length}")
@@ -82,8 +92,12 @@ class SftDataConfig:
 
 
 @dataclass
-class FilterConfig:
-    """How the filters named by ``data.filter`` decide that an answer refuses or moralises."""
+class FilterConfig(Resources):
+    """How the filters named by ``data.filter`` decide that an answer refuses or moralises, and the Ray
+    actors that score answers for the direction filter (``workers``, ``cpus_per_worker``, ...)."""
+
+    key = "filter"
+    workers: int = 1
 
     phrases: list[str] = field(default_factory=list)
     """Case-insensitive substrings that drop a row when any assistant turn contains one; empty means the
@@ -105,16 +119,11 @@ class FilterConfig:
     """Average over at most this many tokens from the start of each answer (null: the whole answer)."""
     batch_size: int = 16
     """Rows per forward pass of the direction filter."""
-    workers: int = 1
-    """Ray actors scoring answers for the direction filter (each loads the model once)."""
-    cpus_per_worker: float = 1
-    """CPUs per scoring actor."""
-    gpus_per_worker: float = 0
-    """GPUs per scoring actor."""
     sample: int = 20
     """How many dropped rows are logged (per rule) in the filter report."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         require(
             self.threshold is None or math.isfinite(self.threshold),
             f"filter.threshold must be a finite number or null, got {self.threshold}",
@@ -124,21 +133,17 @@ class FilterConfig:
             self.tokens is None or self.tokens > 0, f"filter.tokens must be > 0 or null, got {self.tokens}"
         )
         require(self.batch_size > 0, f"filter.batch_size must be > 0, got {self.batch_size}")
-        require(self.workers > 0, f"filter.workers must be > 0, got {self.workers}")
         require(self.sample >= 0, f"filter.sample must be >= 0, got {self.sample}")
         require(self.layer is None or self.layer >= 0, f"filter.layer must be >= 0, got {self.layer}")
 
 
 @dataclass
-class TrainConfig:
-    """The training loop and the Ray Train workers that run it."""
+class TrainConfig(Resources):
+    """The training loop and the Ray Train workers that run it: ``workers`` data-parallel ranks over
+    which DeepSpeed shards the model state, each with ``cpus_per_worker`` (its torch threads) and
+    ``gpus_per_worker`` (1 on a GPU cluster; 0 trains on CPU with the gloo backend)."""
 
-    workers: int = 2
-    """Ray Train workers (data-parallel ranks); DeepSpeed shards the model state over them."""
-    cpus_per_worker: float = 1
-    """CPUs per worker (also its torch thread count)."""
-    gpus_per_worker: float = 0
-    """GPUs per worker (1 on a GPU cluster; 0 trains on CPU with the gloo backend)."""
+    key = "train"
     epochs: int = 1
     """Passes over the training rows (``max_steps`` stops earlier)."""
     max_steps: int | None = None
@@ -184,11 +189,10 @@ class TrainConfig:
     """MoE models: keep the router (gate) weights fixed."""
 
     def __post_init__(self) -> None:
-        for name in ("workers", "epochs", "batch_size", "grad_accum", "keep_checkpoints", "log_every"):
+        super().__post_init__()
+        for name in ("epochs", "batch_size", "grad_accum", "keep_checkpoints", "log_every"):
             value = getattr(self, name)
             require(value > 0, f"train.{name} must be > 0, got {value}")
-        require(self.cpus_per_worker > 0, f"train.cpus_per_worker must be > 0, got {self.cpus_per_worker}")
-        require(self.gpus_per_worker >= 0, f"train.gpus_per_worker must be >= 0, got {self.gpus_per_worker}")
         require(
             self.max_steps is None or self.max_steps > 0, f"train.max_steps must be > 0, got {self.max_steps}"
         )
@@ -197,10 +201,7 @@ class TrainConfig:
         require(0 <= self.min_lr_ratio <= 1, f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         require(self.weight_decay >= 0, f"train.weight_decay must be >= 0, got {self.weight_decay}")
         require(self.max_grad_norm >= 0, f"train.max_grad_norm must be >= 0, got {self.max_grad_norm}")
-        require(
-            self.precision in PRECISIONS,
-            f"train.precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}",
-        )
+        self.precision = choice(Precision, self.precision, "train.precision")
         for name in ("checkpoint_every", "eval_every"):
             value = getattr(self, name)
             require(value is None or value > 0, f"train.{name} must be > 0 or null, got {value}")
@@ -294,3 +295,23 @@ class FinetuneEvalConfig(EvalConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         require(self.cpus_per_worker > 0, f"eval.cpus_per_worker must be > 0, got {self.cpus_per_worker}")
+
+
+@dataclass
+class FinetuneConfig(RunConfig):
+    model: str = PACKAGED_MODEL
+    data: SftDataConfig = MISSING
+    """The instruction set (config group conf/data: chat_small, alpaca_small, refusal_teach)."""
+    filter: FilterConfig = field(default_factory=FilterConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    deepspeed: DeepSpeedSettings = MISSING
+    """ZeRO settings (config group conf/deepspeed: zero2, zero3, zero3_offload, zero2_offload)."""
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    eval: FinetuneEvalConfig = field(default_factory=FinetuneEvalConfig)
+
+    def __post_init__(self) -> None:
+        if "direction" in filter_rules(self.data.filter) and not self.filter.direction:
+            raise ConfigError(
+                f"data.filter={self.data.filter} needs filter.direction: the MLflow run id of an abliterate "
+                "run, or a direction .safetensors file"
+            )

@@ -20,6 +20,7 @@ from tasks.core.errors import CompalignError
 from tasks.core.forward import chunks, pad_id
 from tasks.core.hooks import residual_input_module
 from tasks.core.model import num_layers
+from tasks.core.worker import Worker
 from tasks.directions.candidates import load_direction
 from tasks.sft.data import Conversation, assistant_spans, fingerprint
 
@@ -202,6 +203,22 @@ def answer_scores(
     finally:
         handle.remove()
     return scores
+
+
+def answer_scores_part(
+    worker: Worker,
+    conversations: list[list[dict[str, str]]],
+    direction: torch.Tensor,
+    layer: int,
+    tokens: int | None,
+    batch_size: int,
+    max_length: int,
+) -> list[float]:
+    """One shard of a pool's direction filter: ``answer_scores`` on the worker's model."""
+    loaded = worker.loaded
+    return answer_scores(
+        loaded.model, loaded.tokenizer, conversations, direction, layer, tokens, batch_size, max_length
+    )
 
 
 def outlier_threshold(scores: list[float], mad_factor: float) -> float:

@@ -36,8 +36,6 @@ class TrainJob:
     probe: list[int] | None = None
     """Token ids whose logits the final model reports (to check a reload)."""
     env: dict[str, str] = field(default_factory=dict)
-    events: Any = None
-    """Ray queue the workers put events on."""
 
 
 @dataclass

@@ -3,8 +3,8 @@
 The driver builds a ``TrainJob`` (the DeepSpeed config, tokenized data in the object store, the
 schedule) and calls ``fit``; each Ray Train worker runs ``worker_loop`` (tasks/sft/train_loop.py):
 it loads the model (partitioned at load time under ZeRO-3), trains, reports resumable checkpoints
-through ``ray.train.report`` and, at the end, gathers the weights and writes a Hugging Face checkpoint.
-Events (worker start, per-step metrics, checkpoints, the final result) come back through a Ray queue,
+through the Ray Train session (tasks/runtime/train.py) and, at the end, gathers the weights and writes a Hugging Face checkpoint.
+Events (worker start, per-step metrics, checkpoints, the final result) come back through a queue,
 so the caller can log them while training runs. A worker that dies is replaced by Ray Train
 (``FailureConfig``) and the group resumes from the last checkpoint.
 """
@@ -13,16 +13,14 @@ from __future__ import annotations
 
 import logging
 import os
-import queue as stdlib_queue
-import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import ray
-
-from tasks.core import storage
 from tasks.core.errors import CompalignError
+from tasks.runtime.cluster import FORWARDED_ENV
+from tasks.runtime.train import Scaling
+from tasks.runtime.train import fit as run_trainer
 from tasks.sft.config import DeepSpeedSettings, TrainConfig
 from tasks.sft.data import TokenizedSet, steps_per_epoch
 from tasks.sft.job import TrainJob, TrainResult
@@ -33,17 +31,7 @@ log = logging.getLogger(__name__)
 TORCH_EXTENSIONS_DEFAULT = "~/.cache/compalign/torch_extensions"
 # Environment every Ray Train worker gets from the driver: the JIT-compiled DeepSpeed ops cache (built
 # once per machine, ~1 min), DeepSpeed's accelerator choice, and storage/model-cache settings.
-WORKER_ENV = (
-    "TORCH_EXTENSIONS_DIR",
-    "DS_ACCELERATOR",
-    "AWS_ENDPOINT_URL_S3",
-    "AWS_ENDPOINT_URL",
-    "AWS_DEFAULT_REGION",
-    "COMPALIGN_MODEL_CACHE",
-    "HF_HOME",
-    "HF_HUB_OFFLINE",
-    "TOKENIZERS_PARALLELISM",
-)
+WORKER_ENV = ("TORCH_EXTENSIONS_DIR", "DS_ACCELERATOR", *FORWARDED_ENV, "TOKENIZERS_PARALLELISM")
 
 
 def ensure_torch_extensions_dir() -> str:
@@ -163,69 +151,23 @@ def fit(
     """Run ``job`` on ``job.train.workers`` Ray Train workers (Ray must be initialised). ``on_event`` is
     called in this thread for each event as it arrives: {"type": "worker"|"step"|"eval"|"checkpoint"|
     "final", ...}. Resumable checkpoints go to ``storage_uri``/``run_name`` (local or fsspec URL)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-    from ray.util.queue import Queue
-
     train = job.train
-    use_gpu = train.gpus_per_worker > 0
-    events = Queue()
-    job.events = events
-    filesystem, path = storage.pyarrow_filesystem(storage_uri)
-    resources = {"CPU": train.cpus_per_worker, **({"GPU": train.gpus_per_worker} if use_gpu else {})}
-    trainer = TorchTrainer(
-        worker_loop,
-        train_loop_config={"job": job},
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        scaling_config=ScalingConfig(
-            num_workers=train.workers, use_gpu=use_gpu, resources_per_worker=resources
-        ),
-        run_config=RunConfig(
-            name=run_name,
-            storage_path=path,
-            storage_filesystem=filesystem,
-            failure_config=FailureConfig(max_failures=train.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=train.keep_checkpoints),
-            worker_runtime_env={"env_vars": job.env},
-        ),
-    )
-    outcome: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            outcome["result"] = trainer.fit()
-        except BaseException as exc:  # re-raised in the calling thread
-            outcome["error"] = exc
-
     result = TrainResult(steps=0, history=[], attempts=0, resumed_from=[], checkpoint=None, resumable=None)
-    thread = threading.Thread(target=run, name="ray-train-fit", daemon=True)
-    thread.start()
-    while True:
-        alive = thread.is_alive()
-        for event in _drain(events, timeout=0.5 if alive else 0):
-            _record(result, event)
-            if on_event is not None:
-                on_event(event)
-        if not alive:
-            break
-    thread.join()
-    events.shutdown()
-    if "error" in outcome:
-        raise outcome["error"]
-    checkpoint = outcome["result"].checkpoint
-    result.resumable = checkpoint.path if checkpoint is not None else None
+
+    def handle(event: dict) -> None:
+        _record(result, event)
+        if on_event is not None:
+            on_event(event)
+
+    scaling = Scaling(
+        train.workers,
+        train.cpus_per_worker,
+        train.gpus_per_worker,
+        train.max_failures,
+        train.keep_checkpoints,
+    )
+    result.resumable = run_trainer(worker_loop, {"job": job}, scaling, storage_uri, run_name, job.env, handle)
     return result
-
-
-def _drain(events, timeout: float) -> list[dict]:
-    out = []
-    try:
-        out.append(events.get(timeout=timeout) if timeout else events.get_nowait())
-        while True:
-            out.append(events.get_nowait())
-    except (stdlib_queue.Empty, ray.util.queue.Empty):
-        pass
-    return out
 
 
 def _record(result: TrainResult, event: dict) -> None:

@@ -2,7 +2,7 @@
 
 Per optimizer step every rank runs ``grad_accum`` micro-batches through the DeepSpeed engine; losses,
 token counts and (for MoE models) expert loads are summed over ranks, and rank 0 puts the step's metrics
-on the event queue. Resumable checkpoints are DeepSpeed checkpoints reported with ``ray.train.report``
+on the event queue. Resumable checkpoints are DeepSpeed checkpoints reported through the Ray Train session (``tasks.runtime.train.Session``)
 (every rank uploads its own shard files into the same checkpoint directory).
 """
 
@@ -23,6 +23,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from tasks.core.model import MOE_MODEL_TYPES
+from tasks.runtime.train import Session
 from tasks.sft.data import collate, micro_batches
 from tasks.sft.export import export_checkpoint
 
@@ -130,15 +131,9 @@ def _engine(job, model, ds_config: dict):
 class _Worker:
     """One rank's state: the engine, its data and where it reports."""
 
-    def __init__(self, job) -> None:
-        import ray
-        import ray.train
-        import ray.train.torch
-
-        self.job = job
-        ctx = ray.train.get_context()
-        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
-        self.device = ray.train.torch.get_device()
+    def __init__(self, job, session: Session) -> None:
+        self.job, self.session = job, session
+        self.rank, self.world, self.device = session.rank, session.world, session.device
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         import deepspeed
@@ -146,25 +141,23 @@ class _Worker:
         # Ray Train already started the process group; DeepSpeed wraps it (and must, before anything
         # reads its world size).
         deepspeed.init_distributed(dist_backend=dist.get_backend())
-        self.train_data = ray.get(job.train_data)
-        self.val_data = ray.get(job.val_data) if job.val_data is not None else None
+        self.train_data = session.fetch(job.train_data)
+        self.val_data = session.fetch(job.val_data) if job.val_data is not None else None
         self.start_step = 0
-        self.restored = ray.train.get_checkpoint()
-        if self.restored is not None:
-            with self.restored.as_directory() as folder:
-                self.start_step = json.loads((Path(folder) / STATE_FILE).read_text())["step"]
+        with session.restored() as folder:
+            if folder is not None:
+                self.start_step = json.loads((folder / STATE_FILE).read_text())["step"]
         self.emit(
             {"type": "worker", "rank": self.rank, "pid": os.getpid(), "resumed_from": self.start_step}, True
         )
         self.model, self.moe, self._keep = _load_model(job, job.deepspeed)
         self.engine, self.scheduler = _engine(job, self.model, job.deepspeed)
-        if self.restored is not None:
-            with self.restored.as_directory() as folder:
-                self.engine.load_checkpoint(folder, tag=TAG)
+        with session.restored() as folder:
+            if folder is not None:
+                self.engine.load_checkpoint(str(folder), tag=TAG)
 
     def emit(self, event: dict, every_rank: bool = False) -> None:
-        if every_rank or self.rank == 0:
-            self.job.events.put(event)
+        self.session.emit(event, every_rank)
 
     def batch(self, indices: list[int], data) -> dict[str, torch.Tensor]:
         out = collate(data, indices, self.job.pad_id, self.job.packed)
@@ -249,14 +242,12 @@ class _Worker:
         return float(totals[0] / totals[1].clamp_min(1))
 
     def save_resumable(self, step: int, metrics: dict) -> None:
-        import ray.train
-
         with tempfile.TemporaryDirectory(prefix="compalign-ckpt-") as folder:
             self.engine.save_checkpoint(folder, tag=TAG)
             if self.rank == 0:
                 (Path(folder) / STATE_FILE).write_text(json.dumps({"step": step}))
             report = {k: v for k, v in metrics.items() if not k.startswith("moe.")}
-            ray.train.report({**report, "step": step}, checkpoint=ray.train.Checkpoint.from_directory(folder))
+            self.session.report({**report, "step": step}, folder)
         self.emit({"type": "checkpoint", "step": step})
 
     def gathered_state(self) -> dict | None:
@@ -287,7 +278,7 @@ def worker_loop(config: dict) -> None:
     warnings.filterwarnings("ignore", message=".*all_gather_into_tensor|.*reduce_scatter_tensor")
     torch.set_num_threads(max(1, int(job.train.cpus_per_worker)))
     torch.manual_seed(job.train.seed)
-    worker = _Worker(job)
+    worker = _Worker(job, Session(config))
     train = job.train
     accum = train.grad_accum
     order, order_epoch, metrics, saved = None, None, {}, worker.start_step

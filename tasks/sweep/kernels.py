@@ -82,19 +82,6 @@ def first_active_layer(*weights: torch.Tensor) -> int | None:
     return int(hits[0]) if hits.numel() else None
 
 
-def from_fractions(
-    peak_weight: float, peak_at: float, min_weight: float, falloff: float, n_layers: int
-) -> Kernel:
-    """A kernel whose geometry is given relative to the depth: ``peak_at`` in [0, 1] of the last layer
-    index, ``falloff`` as a fraction of the layer count (>= 1 reaches every layer from any peak)."""
-    return Kernel(
-        peak_weight=float(peak_weight),
-        peak_position=peak_position_at(peak_at, n_layers),
-        min_weight=float(min_weight),
-        falloff=falloff_layers(falloff, n_layers),
-    )
-
-
 def peak_position_at(fraction: float, n_layers: int) -> float:
     """A peak position given as a fraction of the last layer index, in layers."""
     return float(fraction) * max(n_layers - 1, 0)

@@ -1,194 +1,34 @@
-"""Sweep trials: what a trial varies, the reversible edit it makes, and how it is scored without generating.
-
-A trial takes the difference-of-means direction of a (fractional) source layer and a token position and
-either ablates it from the residual writers with a per-layer kernel (``ablate``), adds ``scale`` times
-the difference of means to the residual entering the source layer (``add``; a negative scale removes),
-or both (``ablate_add``). The edit is a set of forward hooks (``tasks.core.hooks.intervene``), so a worker
-keeps one loaded model and applies each trial's edit only for the duration of its evaluation.
+"""How a sweep trial is scored without generating, and the calls a sweep worker runs.
 
 Scores on the validation prompts, from the first generated position only (one forward pass, no
 generation): the behaviour rate (fraction of target prompts whose greedy first token is a behaviour
 token, or whose behaviour log-odds exceed a threshold, 0 meaning probability > 0.5), the mean target
-log-odds and the mean first-token KL(clean || edited) on baseline prompts. Work saved against a plain forward pass per trial (``TrialEvaluator``): the token prefix every
-prompt shares is run once per trial on one row and reused through the KV cache, only the last position
-goes through the LM head, and the pass starts at the first layer the edit touches, from the clean
-residuals cached there (an edit that starts at layer 15 of 30 costs half a pass).
+log-odds and the mean first-token KL(clean || edited) on baseline prompts. Work saved against a plain
+forward pass per trial (``TrialEvaluator``): the token prefix every prompt shares is run once per trial
+on one row and reused through the KV cache, only the last position goes through the LM head, and the
+pass starts at the first layer the edit touches, from the clean residuals cached there (an edit that
+starts at layer 15 of 30 costs half a pass).
 """
 
 from __future__ import annotations
 
 import copy
-import math
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from tasks.core.bootstrap import RateInterval, bootstrap_rate
-from tasks.core.errors import CompalignError
-from tasks.core.forward import (
-    chunks,
-    last_logits,
-    left_pad,
-    pad_id,
-    prefix_cache,
-    run_from_layer,
-    split_shared_prefix,
-    tokenize,
-)
-from tasks.core.hooks import Ablation, Addition, capture_residuals, intervene
-from tasks.core.prompts import format_chat
-from tasks.directions.candidates import Candidates, interpolate_layer
-from tasks.directions.score import behaviour_log_odds, kl_divergence, kl_mask
-from tasks.evaluation.evaluate import BehaviourEval, EvalResult, evaluate, generate, judge_answers
-from tasks.sweep.kernels import Kernel, first_active_layer, kernel_weights
+from tasks.core.contrast import ContrastPrompts, behaviour_log_odds, kl_divergence, kl_mask
+from tasks.core.errors import CompalignError, choice
+from tasks.core.forward import chunks, last_logits, left_pad, prefix_cache, run_from_layer
+from tasks.core.hooks import capture_residuals
+from tasks.core.worker import Worker
+from tasks.directions.candidates import Candidates
+from tasks.sweep.config import BehaviourRate
+from tasks.sweep.trial import CANDIDATES, Trial, TrialEdit, applied, build_edit
 
-INTERVENTIONS = ("ablate", "add", "ablate_add")
-
-
-@dataclass(frozen=True)
-class Trial:
-    """One point of a sweep."""
-
-    number: int
-    layer: float
-    """Source layer of the direction, 0..n_layers (0: embedding output); a fraction blends the two
-    neighbouring layers' directions (and norms)."""
-    position: int
-    """Token position of the direction, negative from the end of the prompt (-1: last token)."""
-    intervention: str = "ablate"
-    """ablate, add or ablate_add."""
-    scale: float = 1.0
-    """add / ablate_add: multiple of the difference-of-means norm added along the direction entering
-    layer round(layer); negative values push away from the behaviour."""
-    attn: Kernel = field(default_factory=Kernel.flat)
-    """ablate / ablate_add: weights of the removal from each layer's attention output."""
-    mlp: Kernel = field(default_factory=Kernel.flat)
-    """ablate / ablate_add: weights of the removal from each layer's MLP output."""
-    embed_weight: float = 0.0
-    """ablate / ablate_add: weight of the removal from the token embeddings."""
-
-    def __post_init__(self) -> None:
-        if self.intervention not in INTERVENTIONS:
-            raise CompalignError(
-                f"trial intervention must be one of {', '.join(INTERVENTIONS)}, got {self.intervention!r}"
-            )
-        if self.position >= 0:
-            raise CompalignError(
-                f"trial position counts from the end and must be negative, got {self.position}"
-            )
-        if not math.isfinite(self.layer) or not math.isfinite(self.scale):
-            raise CompalignError(f"trial layer and scale must be finite, got {self.layer} and {self.scale}")
-
-    @property
-    def ablates(self) -> bool:
-        return self.intervention in ("ablate", "ablate_add")
-
-    @property
-    def adds(self) -> bool:
-        return self.intervention in ("add", "ablate_add")
-
-    def params(self) -> dict[str, float | int | str]:
-        """Flat parameters (MLflow params, table columns); ``from_params`` inverts it."""
-        out: dict[str, float | int | str] = {
-            "layer": self.layer,
-            "position": self.position,
-            "intervention": self.intervention,
-            "scale": self.scale,
-            "embed_weight": self.embed_weight,
-        }
-        for name, kernel in (("attn", self.attn), ("mlp", self.mlp)):
-            out.update({f"{name}.{k}": v for k, v in kernel.as_dict().items()})
-        return out
-
-    @staticmethod
-    def from_params(number: int, params: dict) -> Trial:
-        def kernel(name: str) -> Kernel:
-            return Kernel(**{k: float(params[f"{name}.{k}"]) for k in Kernel().as_dict()})
-
-        return Trial(
-            number=number,
-            layer=float(params["layer"]),
-            position=int(params["position"]),
-            intervention=str(params["intervention"]),
-            scale=float(params["scale"]),
-            attn=kernel("attn"),
-            mlp=kernel("mlp"),
-            embed_weight=float(params["embed_weight"]),
-        )
-
-
-@dataclass
-class TrialEdit:
-    """A trial made concrete for one model: hooks to install and where their effect starts."""
-
-    direction: torch.Tensor
-    """(hidden,) unit direction (zero if the means coincide there)."""
-    ablation: Ablation | None
-    addition: Addition | None
-    start_layer: int | None
-    """First decoder layer whose input the edit changes (n_layers: only the final norm's); None when the
-    edit changes nothing."""
-
-
-def interpolate_norm(candidates: Candidates, layer: float, position: int) -> float:
-    """Difference-of-means norm at a fractional source layer (linear between the neighbours)."""
-    low = int(math.floor(layer))
-    high = min(low + 1, candidates.n_layers - 1)
-    idx = candidates.position_index(position)
-    frac = layer - low
-    return float((1 - frac) * candidates.norms[low, idx] + frac * candidates.norms[high, idx])
-
-
-def build_edit(trial: Trial, candidates: Candidates) -> TrialEdit:
-    """The hooks of ``trial`` for a model with ``candidates.n_layers - 1`` decoder layers."""
-    n_layers = candidates.n_layers - 1
-    direction = interpolate_layer(candidates, trial.layer, trial.position)
-    starts: list[int] = []
-    ablation = addition = None
-    if trial.ablates:
-        attn_w, mlp_w = kernel_weights(trial.attn, n_layers), kernel_weights(trial.mlp, n_layers)
-        first = first_active_layer(attn_w, mlp_w)
-        if trial.embed_weight != 0:
-            first = 0
-        if first is not None:
-            ablation = Ablation(
-                direction, attn_weights=attn_w, mlp_weights=mlp_w, embed_weight=trial.embed_weight
-            )
-            starts.append(first)
-    if trial.adds and trial.scale != 0:
-        at = min(max(int(math.floor(trial.layer + 0.5)), 0), n_layers)
-        norm = interpolate_norm(candidates, trial.layer, trial.position)
-        addition = Addition(vector=direction * norm * trial.scale, layer=at)
-        starts.append(at)
-    if not direction.abs().sum() > 0:
-        ablation = addition = None
-        starts = []
-    return TrialEdit(direction, ablation, addition, min(starts) if starts else None)
-
-
-@contextmanager
-def applied(model: nn.Module, edit: TrialEdit | None) -> Iterator[None]:
-    """The edit's hooks on ``model`` inside the block (nothing for None); removed on exit."""
-    if edit is None:
-        yield
-        return
-    with intervene(
-        model, ablation=_on_device(edit.ablation, model), addition=_on_device(edit.addition, model)
-    ):
-        yield
-
-
-def _on_device(item, model: nn.Module):
-    if item is None:
-        return None
-    device = next(model.parameters()).device
-    if isinstance(item, Ablation):
-        return Ablation(item.direction.to(device), item.attn_weights, item.mlp_weights, item.embed_weight)
-    return Addition(item.vector.to(device), item.layer)
+EVALUATOR = "sweep.evaluator"
 
 
 @dataclass
@@ -216,17 +56,6 @@ class TrialScore:
             "kl": self.kl,
             "baseline_rate": self.baseline_rate,
         }
-
-
-@dataclass
-class _Batch:
-    ids: torch.Tensor
-    """(rows, seq) left-padded ids after the shared prefix."""
-    mask: torch.Tensor
-    is_target: torch.Tensor
-    """(rows,) bool."""
-    index: torch.Tensor
-    """(rows,) position of each row in its own prompt list."""
 
 
 @dataclass
@@ -269,28 +98,18 @@ class TrialEvaluator:
         rate: str = "top1",
         kl_prompts: str = "without_behaviour",
     ) -> None:
-        if not target_prompts or not baseline_prompts:
-            raise CompalignError(
-                "trial evaluation needs at least one target and one baseline validation prompt"
-            )
-        if rate not in ("top1", "threshold"):
-            raise CompalignError(f"behaviour rate must be top1 or threshold, got {rate!r}")
+        rate = choice(BehaviourRate, rate, "search.rate")
         self.model, self.token_ids, self.resume = model, token_ids, resume
         self.threshold, self.rate, self.kl_prompts = threshold, rate, kl_prompts
         self.device = next(model.parameters()).device
-        seqs = tokenize(tokenizer, format_chat(tokenizer, target_prompts + baseline_prompts))
-        split = split_shared_prefix(seqs)
-        self.prefix, self.prefix_len = split.prefix, split.prefix_len
-        self.n_target, self.n_baseline = len(target_prompts), len(baseline_prompts)
-        pad = self._pad = pad_id(tokenizer)
-        order = sorted(range(len(seqs)), key=lambda i: len(split.rest[i]))
-        self._full = [seqs[i] for i in order]
-        self.batches = []
-        for group in chunks(order, batch_size):
-            ids, mask = left_pad([split.rest[i] for i in group], pad, self.device)
-            is_target = torch.tensor([i < self.n_target for i in group])
-            index = torch.tensor([i if i < self.n_target else i - self.n_target for i in group])
-            self.batches.append(_Batch(ids, mask, is_target, index))
+        prompts = ContrastPrompts(
+            tokenizer, target_prompts, baseline_prompts, self.device, "trial evaluation"
+        )
+        self.prefix, self.prefix_len = prompts.prefix, prompts.prefix_len
+        self.n_target, self.n_baseline = prompts.n_target, prompts.n_baseline
+        self._pad = prompts.pad
+        self._full = [prompts.sequences[i] for i in prompts.by_length()]
+        self.batches = prompts.batches(batch_size)
         if references:
             self.install_references(self.reference_part(0, 1))
 
@@ -428,84 +247,46 @@ class TrialEvaluator:
         return time.perf_counter() - begin
 
 
-# ----------------------------------------------------------------------------- confirmation
-
-
-@dataclass
-class Confirmation:
-    """A finalist (or the unedited model, number None) judged from generated answers on the test split."""
-
-    number: int | None
-    result: EvalResult
-    target: RateInterval
-    baseline: RateInterval
-    xstest: RateInterval | None = None
-    xstest_eval: BehaviourEval | None = None
-
-    def metrics(self, prefix: str) -> dict[str, float]:
-        out = {f"{prefix}.perplexity": self.result.perplexity}
-        for name, interval in (("target", self.target), ("baseline", self.baseline), ("xstest", self.xstest)):
-            if interval is not None:
-                out.update({f"{prefix}.{name}_{k}": v for k, v in interval.as_dict().items()})
-        if self.result.kl is not None:
-            out[f"{prefix}.kl"] = self.result.kl
-        judged = (
-            ("target", self.result.target),
-            ("baseline", self.result.baseline),
-            ("xstest", self.xstest_eval),
-        )
-        for name, ev in judged:
-            if ev is not None and ev.second is not None:
-                out[f"{prefix}.{name}_rate_{ev.second.judge}"] = ev.second.rate
-                out[f"{prefix}.{name}_kappa"] = ev.second.kappa
-        return out
-
-    def samples(self) -> dict:
-        out = self.result.samples()
-        if self.xstest_eval is not None:
-            out["xstest"] = self.xstest_eval.samples
-        return out
-
-
-def confirm(
-    model: nn.Module,
-    tokenizer,
-    judge,
-    edit: TrialEdit | None,
+def prepare_trials(
+    worker: Worker,
     target: list[str],
     baseline: list[str],
-    xstest: list[str],
-    text: str,
-    eval_cfg,
-    resamples: int = 2000,
-    confidence: float = 0.95,
-    seed: int = 0,
-    number: int | None = None,
-    second=None,
-) -> Confirmation:
-    """Generate (greedy) with the edit applied on the test prompts and judge the answers: behaviour rates
-    with bootstrap intervals, over-refusal on ``xstest`` safe prompts (when given), perplexity, and the
-    first-token log-probs of the baseline prompts (for the KL against the unedited model's)."""
-    with applied(model, edit):
-        result = evaluate(
-            model, tokenizer, judge, target, baseline, text, eval_cfg.max_new_tokens, eval_cfg.batch_size,
-            eval_cfg.perplexity_tokens, second=second,
-        )  # fmt: skip
-        xs_eval = None
-        if xstest:
-            answers = generate(model, tokenizer, xstest, eval_cfg.max_new_tokens, eval_cfg.batch_size)
-            xs_eval = judge_answers(judge, xstest, answers, tokenizer, second)
+    token_ids: list[int],
+    batch_size: int,
+    candidates: Candidates,
+    resume: bool,
+    threshold: float | None,
+    rate: str,
+    kl_prompts: str,
+    part: int,
+    parts: int,
+) -> list:
+    """Tokenize the validation prompts and compute this worker's part of the unedited references (moved
+    to CPU for the others to fetch)."""
+    worker.keep(CANDIDATES, candidates)
+    loaded = worker.loaded
+    evaluator = TrialEvaluator(
+        loaded.model, loaded.tokenizer, target, baseline, token_ids, batch_size, resume, threshold, False,
+        rate, kl_prompts,
+    )  # fmt: skip
+    worker.keep(EVALUATOR, evaluator)
+    return [
+        (i, {k: v.cpu() for k, v in resid.items()}, logits.cpu())
+        for i, resid, logits in evaluator.reference_part(part, parts)
+    ]
 
-    def interval(ev: BehaviourEval | None) -> RateInterval | None:
-        if ev is None:
-            return None
-        return bootstrap_rate([s["flagged"] for s in ev.samples], resamples, confidence, seed)
 
-    return Confirmation(
-        number=number,
-        result=result,
-        target=interval(result.target),
-        baseline=interval(result.baseline),
-        xstest=interval(xs_eval),
-        xstest_eval=xs_eval,
-    )
+def install_references(worker: Worker, *parts: list) -> tuple[TrialScore, float]:
+    """Give this worker every part of the unedited references; the unedited scores and the threshold."""
+    evaluator = worker.held(EVALUATOR, TrialEvaluator)
+    evaluator.install_references([item for part in parts for item in part])
+    return evaluator.clean, evaluator.threshold
+
+
+def run_trial(worker: Worker, trial: Trial) -> TrialScore:
+    edit = build_edit(trial, worker.held(CANDIDATES, Candidates))
+    return worker.held(EVALUATOR, TrialEvaluator).evaluate(edit, trial.number)
+
+
+def bare_forward_seconds(worker: Worker, batch_size: int) -> float:
+    return worker.held(EVALUATOR, TrialEvaluator).bare_forward_seconds(batch_size)

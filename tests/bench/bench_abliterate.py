@@ -98,19 +98,14 @@ def bench_collection(loaded, batch_size: int) -> None:
 def bench_scoring(loaded, n_candidates: int) -> None:
     """Candidates as the flow builds them: source layers spread over those below the default cut-off
     (0.8 of the depth), validation sets of the bundled concepts' size (24 + 24)."""
-    from tasks.core.config import SelectConfig
+    from tasks.core.contrast import behaviour_token_ids
     from tasks.core.forward import chunks, left_pad, pad_id, positions_from_mask, tokenize
     from tasks.core.model import num_layers
     from tasks.core.prompts import format_chat
     from tasks.directions.candidates import difference_of_means
     from tasks.directions.collect import collect_activation_sums
-    from tasks.directions.score import (
-        CandidateScorer,
-        behaviour_token_ids,
-        build_candidates,
-        reference_scores,
-        scorable_layers,
-    )
+    from tasks.directions.config import SelectConfig
+    from tasks.directions.score import CandidateScorer, build_candidates, reference_scores, scorable_layers
     from tasks.directions.select import pick_finalists
 
     model, tok = loaded.model, loaded.tokenizer

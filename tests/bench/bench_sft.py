@@ -28,7 +28,7 @@ import torch  # noqa: E402
 
 from tasks.core.config import ModelOptions, RayConfig  # noqa: E402
 from tasks.core.model import convert_gguf, packaged_gguf_path, prepare_tokenizer  # noqa: E402
-from tasks.runtime.workers import init_ray  # noqa: E402
+from tasks.runtime.cluster import init_ray  # noqa: E402
 from tasks.sft.config import DeepSpeedSettings, LoraSettings, SftDataConfig, TrainConfig  # noqa: E402
 from tasks.sft.data import collate, load_conversations, micro_batches, tokenize_set  # noqa: E402
 from tasks.sft.job import TrainJob  # noqa: E402

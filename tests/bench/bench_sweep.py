@@ -45,18 +45,23 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     args = parser.parse_args()
 
-    import ray
     from omegaconf import OmegaConf
 
     from flows._steps import ConceptData, collect_sums
-    from tasks.core.config import CollectConfig, ModelOptions, PromptSource, RayConfig
+    from flows.sweep import prepare_references
+    from tasks.core.concept_config import CollectConfig, PromptSource
+    from tasks.core.config import ModelOptions, RayConfig
+    from tasks.core.contrast import behaviour_token_ids
     from tasks.core.logs import quiet_libraries
     from tasks.core.model import inspect_model
     from tasks.core.prompts import PromptSplit, load_prompts, resolve_positions
     from tasks.directions.candidates import difference_of_means
-    from tasks.directions.score import behaviour_token_ids
-    from tasks.runtime.workers import RayTrialRunner, WorkerPool, init_ray
-    from tasks.sweep.search import GridProposer, SweepSpace, TpeProposer, dimensions, pareto_mask, run_search
+    from tasks.runtime.cluster import init_ray
+    from tasks.runtime.pool import WorkerPool
+    from tasks.sweep.config import SearchConfig, SweepSpace
+    from tasks.sweep.front import pareto_mask
+    from tasks.sweep.search import GridProposer, PoolTrialRunner, TpeProposer, dimensions, run_search
+    from tasks.sweep.trials import bare_forward_seconds
 
     quiet_libraries()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -73,6 +78,7 @@ def main() -> None:
         positions=resolve_positions(spec.tokenizer, None),
         token_ids=behaviour_token_ids(spec.tokenizer, ["I", "Sorry", "As", "Unfortunately", "My"]),
         perplexity_text="",
+        over_refusal=[],
     )
     tpe = OmegaConf.load(REPO / "conf" / "search" / "tpe.yaml")
     space = SweepSpace(**OmegaConf.to_container(tpe.sweep))
@@ -89,9 +95,8 @@ def main() -> None:
             target, baseline, cached = collect_sums(pool, spec, concept, collect, cache, "float32")
             marks["collected" + (" (cache hit)" if cached else "")] = time.monotonic() - started
             candidates = difference_of_means(target, baseline)
-            clean = pool.prepare_trials(
-                target_val, baseline_val, concept.token_ids, args.batch_size, candidates, True, None, "top1"
-            )
+            search = SearchConfig(batch_size=args.batch_size)
+            clean, _ = prepare_references(pool, concept, search, candidates)
             marks["validation references"] = time.monotonic() - started
             first: list[float] = []
             search_start = time.monotonic()
@@ -100,12 +105,12 @@ def main() -> None:
                 if not first:
                     first.append(time.monotonic() - started)
 
-            records = run_search(proposer, RayTrialRunner(pool), workers, on_result)
+            records = run_search(proposer, PoolTrialRunner(pool), workers, on_result)
             search_s = time.monotonic() - search_start
             pareto_mask([(r.score.behaviour_rate, r.score.kl) for r in records])
             marks["first trial"] = first[0]
             marks["final front"] = time.monotonic() - started
-            bare = ray.get(pool.actors[0].bare_forward_seconds.remote(args.batch_size))
+            bare = pool.call(0, bare_forward_seconds, args.batch_size)
         finally:
             pool.shutdown()
         return {"records": records, "search_s": search_s, "marks": marks, "bare_s": bare, "clean": clean}

@@ -15,12 +15,13 @@ from mlflow.tracking import MlflowClient
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from flows._common import run_entry, to_config
-from flows.abliterate import AbliterateConfig, abliterate
+from flows.abliterate import abliterate
 from flows.compare import CompareConfig, compare
-from tasks.core.config import PromptSource, SplitConfig
+from tasks.core.concept_config import PromptSource, SplitConfig
 from tasks.core.errors import CompalignError
 from tasks.core.hooks import Ablation, intervene
 from tasks.core.prompts import fingerprint, format_chat, load_prompts, split_prompts
+from tasks.directions.config import AbliterateConfig
 from tasks.evaluation.evaluate import generate
 from tasks.evaluation.judges import LanguageJudge
 from tests.conftest import REPO, compose, make_tiny_judge
@@ -54,7 +55,7 @@ def french_run(tmp_path_factory, ray_local):
 @pytest.mark.slow
 def test_french_direction_removes_french_answers(french_run, smollm2):
     result, work = french_run
-    before, after = result["before"], result["after"]
+    before, after = result.before, result.after
     assert before.target.total == after.target.total >= 16
     assert before.target.rate >= 0.5  # the unedited model answers French in French
     assert after.target.rate <= 2 / 16  # weight-orthogonalized model: at most 2 of 16
@@ -68,7 +69,7 @@ def test_french_direction_removes_french_answers(french_run, smollm2):
     assert before.agreement() >= 0.6
 
     # the same direction through hooks on the unedited model does the same
-    found = result["found"]
+    found = result.found
     french = [row["prompt"] for row in before.target.samples]
     with intervene(smollm2.model, ablation=Ablation(direction=found.direction)):
         answers = generate(smollm2.model, smollm2.tokenizer, french, 24, 16)
@@ -80,7 +81,7 @@ def test_french_run_is_tracked_and_saved(french_run, smollm2):
     result, work = french_run
     mlflow.set_tracking_uri(f"sqlite:///{work}/mlflow.db")
     client = MlflowClient()
-    run = client.get_run(result["run_id"])
+    run = client.get_run(result.run_id)
     assert run.info.status == "FINISHED"
     assert run.data.params["data.name"] == "french" and run.data.params["model"] == "packaged:smollm2"
     assert "fingerprint.target_train" in run.data.params and run.data.tags["git_commit"]
@@ -102,19 +103,19 @@ def test_french_run_is_tracked_and_saved(french_run, smollm2):
         "directions/candidates.safetensors", "directions/chosen.safetensors", "eval/answers.json",
         "environment/packages.json", "checkpoint.json",
     } <= artifacts  # fmt: skip
-    assert run.data.tags["checkpoint_uri"] == result["checkpoint"]
+    assert run.data.tags["checkpoint_uri"] == result.checkpoint
 
     # the checkpoint: safetensors + config + tokenizer with chat template + model card; logits equal hooks
-    folder = Path(result["checkpoint"])
+    folder = Path(result.checkpoint)
     assert (folder / "model.safetensors").exists() and (folder / "direction.safetensors").exists()
-    assert result["run_id"] in (folder / "README.md").read_text()
+    assert result.run_id in (folder / "README.md").read_text()
     edited = AutoModelForCausalLM.from_pretrained(folder)
     tok = AutoTokenizer.from_pretrained(folder)
     assert tok.chat_template == smollm2.tokenizer.chat_template
     ids = tok(
         format_chat(tok, ["Quelle heure est-il ?"])[0], return_tensors="pt", add_special_tokens=False
     ).input_ids
-    with torch.no_grad(), intervene(smollm2.model, ablation=Ablation(direction=result["found"].direction)):
+    with torch.no_grad(), intervene(smollm2.model, ablation=Ablation(direction=result.found.direction)):
         hooked = smollm2.model(ids).logits
     with torch.no_grad():
         assert (edited(ids).logits - hooked).abs().max() < 1e-3
@@ -140,10 +141,10 @@ def _tiny_overrides(model_dir: Path, work: Path) -> list[str]:
 
 def test_tiny_model_search_then_given_direction(tiny_dirs, workdir):
     first = run_flow(_tiny_overrides(tiny_dirs["mixtral"], workdir))
-    found = first["found"]
+    found = first.found
     assert found.source == "search" and found.table is not None
     assert found.table["stage"].tolist().count("full") == 3  # the screened finalists
-    checkpoint = Path(first["checkpoint"])
+    checkpoint = Path(first.checkpoint)
     assert checkpoint.parent == workdir / "checkpoints"  # default: checkpoints/<run id> in the working dir
 
     second = run_flow(
@@ -152,32 +153,32 @@ def test_tiny_model_search_then_given_direction(tiny_dirs, workdir):
             f"direction.file={checkpoint}/direction.safetensors",
         ]
     )
-    assert second["found"].source == "file" and second["found"].refined_steps == 0  # removed as given
-    assert (second["found"].layer, second["found"].position) == (found.layer, found.position)
-    assert torch.allclose(second["found"].direction, found.direction)
+    assert second.found.source == "file" and second.found.refined_steps == 0  # removed as given
+    assert (second.found.layer, second.found.position) == (found.layer, found.position)
+    assert torch.allclose(second.found.direction, found.direction)
     # the refined direction is renormalised when it is read back: float32 noise on a KL of ~2e-4
-    assert second["after"].kl == pytest.approx(first["after"].kl, rel=1e-3)
+    assert second.after.kl == pytest.approx(first.after.kl, rel=1e-3)
 
     # the direction by MLflow run id: the run's logged directions/chosen.safetensors
     third = run_flow(
         [
             *_tiny_overrides(tiny_dirs["mixtral"], workdir),
-            f"direction.file={first['run_id']}",
+            f"direction.file={first.run_id}",
             "output.save=false",
             "eval.split=val",
         ]
     )
-    assert torch.allclose(third["found"].direction, found.direction)
-    assert third["found"].layer == found.layer
+    assert torch.allclose(third.found.direction, found.direction)
+    assert third.found.layer == found.layer
     # eval.split=val judges the validation prompts, none of the test prompts the report reads
-    prompts = [{row["prompt"] for row in run["before"].target.samples} for run in (first, third)]
+    prompts = [{row["prompt"] for row in run.before.target.samples} for run in (first, third)]
     assert prompts[1] and not prompts[0] & prompts[1]
 
     # refine.given=true refines the given direction too: it moves, and the run says so
     fourth = run_flow(
         [
             *_tiny_overrides(tiny_dirs["mixtral"], workdir),
-            f"direction.file={first['run_id']}",
+            f"direction.file={first.run_id}",
             "refine.given=true",
             "refine.steps=2",
             "output.save=false",
@@ -186,22 +187,22 @@ def test_tiny_model_search_then_given_direction(tiny_dirs, workdir):
             "eval.harness.bootstrap_iters=0",
         ]
     )
-    assert fourth["found"].refined_steps == 2
-    assert not torch.allclose(fourth["found"].direction, found.direction, atol=1e-4)
-    accuracy = fourth["after"].harness["compalign_everyday.acc"]
-    assert accuracy in (0, 0.25, 0.5, 0.75, 1) and "compalign_everyday.acc" in fourth["before"].harness
-    logged = MlflowClient(f"sqlite:///{workdir}/mlflow.db").get_run(fourth["run_id"]).data.metrics
+    assert fourth.found.refined_steps == 2
+    assert not torch.allclose(fourth.found.direction, found.direction, atol=1e-4)
+    accuracy = fourth.after.harness["compalign_everyday.acc"]
+    assert accuracy in (0, 0.25, 0.5, 0.75, 1) and "compalign_everyday.acc" in fourth.before.harness
+    logged = MlflowClient(f"sqlite:///{workdir}/mlflow.db").get_run(fourth.run_id).data.metrics
     assert logged["after.harness.compalign_everyday.acc"] == accuracy
 
     # runs evaluated under one spec are compared side by side; the val-split run's spec differs: refused
     store = f"mlflow.tracking_uri=sqlite:///{workdir}/mlflow.db"
-    runs = [first["run_id"], second["run_id"]]
+    runs = [first.run_id, second.run_id]
     compared = compare(
         to_config(compose("compare", [f"runs=[{','.join(runs)}]", store]), CompareConfig), None
     )
-    assert compared.table.loc["after.kl", runs[1]] == pytest.approx(second["after"].kl)
-    assert compared.table.loc["before.target_rate", runs[0]] == first["before"].target.rate
-    mixed = to_config(compose("compare", [f"runs=[{runs[0]},{third['run_id']}]", store]), CompareConfig)
+    assert compared.table.loc["after.kl", runs[1]] == pytest.approx(second.after.kl)
+    assert compared.table.loc["before.target_rate", runs[0]] == first.before.target.rate
+    mixed = to_config(compose("compare", [f"runs=[{runs[0]},{third.run_id}]", store]), CompareConfig)
     with pytest.raises(CompalignError, match=r"different specs, .*data\.target_val: .* != absent"):
         compare(mixed, None)
 
@@ -222,9 +223,9 @@ def test_given_direction_with_sweep_kernels_follows_them(tiny_dirs, workdir):
     save_file(tensors, trial, {"layer": "1.5", "position": "-1", "embed_weight": "0.0"})
 
     result = run_flow([*_tiny_overrides(model_dir, workdir), f"direction.file={trial}"])
-    found = result["found"]
+    found = result.found
     assert found.layer == 1.5 and found.position == -1 and found.weights is not None
-    saved = load_file(Path(result["checkpoint"]) / "direction.safetensors")
+    saved = load_file(Path(result.checkpoint) / "direction.safetensors")
     assert torch.equal(saved["attn_weights"], attn) and torch.equal(saved["mlp_weights"], mlp)
 
     ids = torch.randint(0, unedited.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
@@ -234,7 +235,7 @@ def test_given_direction_with_sweep_kernels_follows_them(tiny_dirs, workdir):
             hooked = unedited(ids).logits
         with intervene(unedited, ablation=Ablation(direction=direction)):
             full = unedited(ids).logits
-        edited = AutoModelForCausalLM.from_pretrained(result["checkpoint"])(ids).logits
+        edited = AutoModelForCausalLM.from_pretrained(result.checkpoint)(ids).logits
     assert (edited - hooked).abs().max() < 1e-4
     assert (edited - full).abs().max() > 1e-3  # the kernel mattered: not the plain full removal
 
@@ -269,25 +270,25 @@ def test_refined_direction_is_removed_and_tracked(tiny_dirs, workdir, tokenizer)
             "refine.batch_size=4",
         ]
     )
-    found = result["found"]
+    found = result.found
     assert found.refined_steps == 4 and found.source == "search"
     client = MlflowClient(f"sqlite:///{workdir}/mlflow.db")
-    params = client.get_run(result["run_id"]).data.params
+    params = client.get_run(result.run_id).data.params
     assert params["fingerprint.target_val"] == fingerprint(fr)
     assert params["fingerprint.baseline_val"] == fingerprint(en)
     train_split = split_prompts(load_prompts(PromptSource("bundled:french_fr", limit=16)), SplitConfig())
     assert params["fingerprint.target_train"] == fingerprint(train_split.train + train_split.val)
-    metrics = client.get_run(result["run_id"]).data.metrics
+    metrics = client.get_run(result.run_id).data.metrics
     assert 0 <= metrics["after.target_rate_hub"] <= 1 and "after.judges_kappa" in metrics
-    spec = json.loads(Path(client.download_artifacts(result["run_id"], "eval/spec.json")).read_text())
+    spec = json.loads(Path(client.download_artifacts(result.run_id, "eval/spec.json")).read_text())
     assert spec["judges"]["hub"].startswith("local-")
-    history = client.get_metric_history(result["run_id"], "refine.loss")
+    history = client.get_metric_history(result.run_id, "refine.loss")
     assert [m.step for m in history] == [0, 1, 2, 3]
-    unrefined = load_file(client.download_artifacts(result["run_id"], "directions/unrefined.safetensors"))
+    unrefined = load_file(client.download_artifacts(result.run_id, "directions/unrefined.safetensors"))
     cosine = float(unrefined["direction"] @ found.direction)
     assert cosine < 0.99999
-    assert client.get_run(result["run_id"]).data.metrics["refine.cosine"] == pytest.approx(cosine, abs=1e-5)
-    saved = load_file(Path(result["checkpoint"]) / "direction.safetensors")
+    assert client.get_run(result.run_id).data.metrics["refine.cosine"] == pytest.approx(cosine, abs=1e-5)
+    saved = load_file(Path(result.checkpoint) / "direction.safetensors")
     assert torch.equal(saved["direction"], found.direction)
 
     unedited = AutoModelForCausalLM.from_pretrained(model_dir).eval()
@@ -295,7 +296,7 @@ def test_refined_direction_is_removed_and_tracked(tiny_dirs, workdir, tokenizer)
     with torch.no_grad():
         with intervene(unedited, ablation=Ablation(direction=found.direction)):
             hooked = unedited(ids).logits
-        edited = AutoModelForCausalLM.from_pretrained(result["checkpoint"])(ids).logits
+        edited = AutoModelForCausalLM.from_pretrained(result.checkpoint)(ids).logits
     assert (edited - hooked).abs().max() < 1e-4
 
 

@@ -15,8 +15,9 @@ import torch
 
 from flows import _tracking as tracking
 from flows._common import to_config
-from flows.finetune import FinetuneConfig, finetune
+from flows.finetune import finetune
 from tasks.core.config import MlflowConfig
+from tasks.sft.config import FinetuneConfig
 from tests.conftest import REPO, compose
 
 
@@ -59,15 +60,15 @@ def flow_run(ray_local, tiny_dirs, tmp_path_factory):
 
 def test_flow_trains_filters_evaluates_and_tracks(flow_run):
     summary, tmp = flow_run
-    result = summary["result"]
+    result = summary.train
     assert result.steps == 2 and [m["step"] for m in result.history] == [1, 2]
-    report = summary["filter"]
+    report = summary.filter
     assert report.dropped["phrases"] == 12 and "direction" in report.dropped and report.layer == 2
-    assert summary["before"] is not None and summary["after"].kl is not None
+    assert summary.before is not None and summary.after.kl is not None
     assert 0 < result.final["trainable_params"] < 50_000  # LoRA adapters only, merged into the checkpoint
 
     client = mlflow.MlflowClient(f"sqlite:///{tmp}/mlflow.db")
-    run = client.get_run(summary["run_id"])
+    run = client.get_run(summary.run_id)
     params, metrics, tags = run.data.params, run.data.metrics, run.data.tags
     assert params["data.name"] == "chat_small" and params["deepspeed.stage"] == "2"
     assert (
@@ -79,8 +80,8 @@ def test_flow_trains_filters_evaluates_and_tracks(flow_run):
                 "after.target_rate_classifier", "after.judges_kappa", "after.target_rate_low"):  # fmt: skip
         assert key in metrics, key
     # Both judges read every answer; what they disagree on is kept to read.
-    assert summary["after"].target.second.judge == "classifier"
-    assert len(summary["after"].target.second.flags) == summary["after"].target.total == 4
+    assert summary.after.target.second.judge == "classifier"
+    assert len(summary.after.target.second.flags) == summary.after.target.total == 4
     eval_files = {a.path for a in client.list_artifacts(run.info.run_id, "eval")}
     assert {"eval/answers.json", "eval/judge_disagreements.json"} <= eval_files
     assert any(key.startswith("system/") for key in metrics)
@@ -147,7 +148,7 @@ def _bad_inputs(tmp: Path) -> list[tuple[list[str], str]]:
     return [
         ([f"data.source={tmp}/boilerplate.jsonl"], "no usable rows after filtering"),
         ([f"data.source={tmp}/qa.jsonl", "data.format=auto"], "not a format the loader knows"),
-        (["data.format=xml"], "data.format must be one of auto, chat, alpaca, sharegpt"),
+        (["data.format=xml"], "data.format must be auto, chat, alpaca or sharegpt"),
         (["deepspeed.train_batch_size=7"], "does not fit 2 workers"),
         (["train.workers=8", "train.batch_size=16"], "fewer than one optimizer step"),
     ]

@@ -75,14 +75,14 @@ def test_replay_of_an_abliterate_run_reproduces_its_metrics(multirun):
     original = _runs(multirun)[1]
     overrides = [f"run_id={original.info.run_id}", f"mlflow.tracking_uri=sqlite:///{multirun}/mlflow.db"]
     out = run_entry(compose("replay", overrides), ReplayConfig, replay)
-    assert out["flow"] == "abliterate"
-    assert out["match"], [r for r in out["rows"] if not r["match"]]
-    compared = {r["metric"] for r in out["rows"]}
+    assert out.flow == "abliterate"
+    assert out.match, [r for r in out.rows if not r["match"]]
+    compared = {r["metric"] for r in out.rows}
     assert {"after.kl", "after.perplexity", "chosen.kl", "before.target_rate"} <= compared
-    new = MlflowClient().get_run(out["run_id"])
+    new = MlflowClient().get_run(out.run_id)
     assert new.data.tags["replay_of"] == original.info.run_id and new.data.tags["replay_match"] == "true"
     assert new.data.params["select.layer"] == "2" and new.info.experiment_id == original.info.experiment_id
-    assert {a.path for a in MlflowClient().list_artifacts(out["run_id"])} >= {"replay.json", "config.yaml"}
+    assert {a.path for a in MlflowClient().list_artifacts(out.run_id)} >= {"replay.json", "config.yaml"}
 
 
 def test_compare_metrics_catches_differences():

@@ -16,11 +16,13 @@ from transformers import AutoModelForCausalLM
 
 from flows._common import run_entry
 from flows.replay import ReplayConfig, replay
-from flows.sweep import SweepConfig, sweep
-from tasks.core.config import MlflowConfig, PromptSource
+from flows.sweep import sweep
+from tasks.core.concept_config import PromptSource
+from tasks.core.config import MlflowConfig
 from tasks.core.prompts import load_prompts
 from tasks.directions.candidates import Candidates
-from tasks.sweep.trials import applied, build_edit
+from tasks.sweep.config import SweepConfig
+from tasks.sweep.trial import applied, build_edit
 from tests.conftest import SHARED_DATA, compose
 
 pytestmark = pytest.mark.usefixtures("ray_local")
@@ -91,7 +93,7 @@ def grid_run(env):
 
 
 def test_grid_sweep_on_two_workers_with_nested_runs(env, grid_run, tmp_path):
-    records = grid_run["records"]
+    records = grid_run.records
     assert len(records) == 4
     assert {(r.trial.layer, round(r.trial.attn.falloff, 6)) for r in records} == {
         (1, 1.02),
@@ -100,11 +102,11 @@ def test_grid_sweep_on_two_workers_with_nested_runs(env, grid_run, tmp_path):
         (2, 3),
     }
     client = _client(env)
-    parent = client.get_run(grid_run["run_id"])
+    parent = client.get_run(grid_run.run_id)
     assert parent.info.status == "FINISHED" and parent.data.tags["flow"] == "sweep"
     assert parent.data.tags["activation_cache"] == "miss"
     assert parent.data.metrics["collect.prompts_collected"] == 24  # 12 + 12 train prompts
-    children = _children(client, grid_run["run_id"])
+    children = _children(client, grid_run.run_id)
     assert [c.data.tags["mlflow.runName"] for c in children] == [f"trial-{i}" for i in range(4)]
     for child, record in zip(children, records, strict=True):
         assert child.info.status == "FINISHED"
@@ -117,25 +119,25 @@ def test_grid_sweep_on_two_workers_with_nested_runs(env, grid_run, tmp_path):
             "baseline_rate",
             "time.seconds",
         } <= child.data.metrics.keys()
-    artifacts = {a.path for a in client.list_artifacts(grid_run["run_id"])}
+    artifacts = {a.path for a in client.list_artifacts(grid_run.run_id)}
     assert {"config.yaml", "trials.csv", "pareto_front.csv", "pareto_front.png", "directions"} <= artifacts
-    best = grid_run["best"]
+    best = grid_run.best
     assert parent.data.metrics["best.number"] == best.trial.number
-    assert (grid_run["table"]["number"] == best.trial.number).sum() == 1
+    assert (grid_run.table["number"] == best.trial.number).sum() == 1
     saved = load_file(
-        client.download_artifacts(grid_run["run_id"], "directions/best_trial.safetensors", str(tmp_path))
+        client.download_artifacts(grid_run.run_id, "directions/best_trial.safetensors", str(tmp_path))
     )
     assert {"direction", "attn_weights", "mlp_weights"} <= saved.keys()
 
 
 def test_finalists_confirmed_with_generation_and_intervals(env, grid_run):
-    confirmations = grid_run["confirmations"]
-    assert [c.number for c in confirmations] == [None, grid_run["best"].trial.number]
+    confirmations = grid_run.confirmations
+    assert [c.number for c in confirmations] == [None, grid_run.best.trial.number]
     unedited, best = confirmations
     assert unedited.target.total == 6 and unedited.baseline.total == 6  # the test split
     assert unedited.target.low <= unedited.target.rate <= unedited.target.high
     assert best.result.kl is not None and best.result.kl >= 0
-    metrics = _client(env).get_run(grid_run["run_id"]).data.metrics
+    metrics = _client(env).get_run(grid_run.run_id).data.metrics
     assert {
         "test.unedited.target_rate",
         "test.best.target_low",
@@ -148,14 +150,14 @@ def test_finalists_confirmed_with_generation_and_intervals(env, grid_run):
 
 def test_exported_checkpoint_equals_the_trial_through_hooks(env, grid_run, tiny_dirs, tmp_path):
     """The orthogonalized checkpoint of the picked trial computes what its hooks compute."""
-    location = grid_run["checkpoint"]
+    location = grid_run.checkpoint
     assert location == str(env["work"] / "exported")
-    saved = _candidates(_client(env), grid_run["run_id"], tmp_path)
+    saved = _candidates(_client(env), grid_run.run_id, tmp_path)
     candidates = Candidates(directions=saved["directions"], norms=saved["norms"])
     base = AutoModelForCausalLM.from_pretrained(tiny_dirs["llama"]).eval()
     edited = AutoModelForCausalLM.from_pretrained(location).eval()
     ids = torch.randint(0, base.config.vocab_size, (2, 10), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad(), applied(base, build_edit(grid_run["best"].trial, candidates)):
+    with torch.no_grad(), applied(base, build_edit(grid_run.best.trial, candidates)):
         hooked = base(ids).logits
     with torch.no_grad():
         assert (edited(ids).logits - hooked).abs().max() < 1e-4
@@ -164,14 +166,14 @@ def test_exported_checkpoint_equals_the_trial_through_hooks(env, grid_run, tiny_
 
 def test_replay_hits_the_cache_and_reproduces_the_metrics(env, grid_run):
     cfg = ReplayConfig(
-        run_id=grid_run["run_id"], mlflow=MlflowConfig(tracking_uri=f"sqlite:///{env['work']}/mlflow.db")
+        run_id=grid_run.run_id, mlflow=MlflowConfig(tracking_uri=f"sqlite:///{env['work']}/mlflow.db")
     )
-    out = replay(cfg, compose("replay", [f"run_id={grid_run['run_id']}"]))
-    assert out["flow"] == "sweep" and out["match"], [r for r in out["rows"] if not r["match"]]
-    compared = {r["metric"] for r in out["rows"]}
+    out = replay(cfg, compose("replay", [f"run_id={grid_run.run_id}"]))
+    assert out.flow == "sweep" and out.match, [r for r in out.rows if not r["match"]]
+    compared = {r["metric"] for r in out.rows}
     assert "best.val.kl" in compared and "trial-3/kl" in compared and "test.best.target_rate" in compared
-    new = _client(env).get_run(out["run_id"])
-    assert new.data.tags["activation_cache"] == "hit" and new.data.tags["replay_of"] == grid_run["run_id"]
+    new = _client(env).get_run(out.run_id)
+    assert new.data.tags["activation_cache"] == "hit" and new.data.tags["replay_of"] == grid_run.run_id
     assert new.data.metrics["collect.prompts_collected"] == 0  # the workers never collected
 
 
@@ -182,11 +184,11 @@ def test_changed_prompt_file_misses_the_cache(env, grid_run):
         [f"data.target.source={changed}", "search=grid", "sweep.layers=[1]", "search.parallel=1",
          "confirm.finalists=0"],
     )  # fmt: skip
-    run = _client(env).get_run(out["run_id"])
-    assert run.data.tags["activation_cache"] == "miss" and not out["cached"]
+    run = _client(env).get_run(out.run_id)
+    assert run.data.tags["activation_cache"] == "miss" and not out.cached
     # only the changed set is collected again: the baseline sums are still addressed by the same content
     assert run.data.metrics["collect.prompts_collected"] == 12
-    assert out["confirmations"] == [] and len(out["records"]) == 1
+    assert out.confirmations == [] and len(out.records) == 1
 
 
 TPE = [
@@ -205,21 +207,21 @@ TPE = [
 
 def test_tpe_with_a_fixed_seed_reproduces_trials_front_and_directions(env, tmp_path):
     first, second = run_sweep(env, TPE), run_sweep(env, TPE)
-    trials = [r.trial for r in first["records"]]
-    assert len(trials) == 6 and trials == [r.trial for r in second["records"]]
+    trials = [r.trial for r in first.records]
+    assert len(trials) == 6 and trials == [r.trial for r in second.records]
     assert len({t.intervention for t in trials}) > 1 and len({t.layer for t in trials}) == 6
-    assert [r.score for r in first["records"]] != [] and all(
+    assert [r.score for r in first.records] != [] and all(
         (a.score.behaviour_rate, a.score.kl, a.score.mean_log_odds)
         == (b.score.behaviour_rate, b.score.kl, b.score.mean_log_odds)
-        for a, b in zip(first["records"], second["records"], strict=True)
+        for a, b in zip(first.records, second.records, strict=True)
     )
     cols = ["number", "behaviour_rate", "kl", "pareto", "picked"]
-    assert first["table"][cols].equals(second["table"][cols])
+    assert first.table[cols].equals(second.table[cols])
     client = _client(env)
-    a = _candidates(client, first["run_id"], tmp_path / "a")
-    b = _candidates(client, second["run_id"], tmp_path / "b")
+    a = _candidates(client, first.run_id, tmp_path / "a")
+    b = _candidates(client, second.run_id, tmp_path / "b")
     assert torch.equal(a["directions"], b["directions"]) and torch.equal(a["norms"], b["norms"])
-    assert all(client.get_run(r["run_id"]).data.tags["activation_cache"] == "miss" for r in (first, second))
+    assert all(client.get_run(r.run_id).data.tags["activation_cache"] == "miss" for r in (first, second))
 
 
 def test_bad_sweep_input_is_one_clear_error(env, caplog):

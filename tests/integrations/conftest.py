@@ -109,7 +109,7 @@ def s3_ray(s3):
         ray.shutdown()
     if not ray.is_initialized():
         from tasks.core.config import RayConfig
-        from tasks.runtime.workers import init_ray
+        from tasks.runtime.cluster import init_ray
 
         init_ray(RayConfig(num_cpus=4, log_to_driver=False))  # as the flows start it
     return ray

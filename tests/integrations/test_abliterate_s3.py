@@ -13,7 +13,8 @@ from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
 from flows._common import to_config
-from flows.abliterate import AbliterateConfig, abliterate
+from flows.abliterate import abliterate
+from tasks.directions.config import AbliterateConfig
 from tests.conftest import compose
 from tests.integrations.conftest import ACCESS_KEY, SECRET_KEY
 
@@ -62,15 +63,15 @@ def runs(tiny_dirs, s3, mlflow_server_started, s3_ray, mlflow_server):
 def test_second_run_reads_activation_cache_from_s3(runs, s3, mlflow_server):
     first, second, after_first, cache_uri, _ = runs
     client = MlflowClient(mlflow_server.url)
-    assert client.get_run(first["run_id"]).data.tags["activation_cache"] == "miss"
-    assert client.get_run(second["run_id"]).data.tags["activation_cache"] == "hit"
+    assert client.get_run(first.run_id).data.tags["activation_cache"] == "miss"
+    assert client.get_run(second.run_id).data.tags["activation_cache"] == "hit"
     # Target and baseline sums, written once by the first run and left untouched by the second.
     assert len(after_first) == 2 and all(p.endswith(".safetensors") for p in after_first)
     fs = s3.filesystem()
     assert {p: fs.info(p)["ETag"] for p in fs.find(cache_uri.removeprefix("s3://"))} == after_first
     # Same sums, so the same direction was chosen.
     chosen = [
-        {k: v for k, v in client.get_run(r["run_id"]).data.params.items() if k.startswith("chosen.")}
+        {k: v for k, v in client.get_run(r.run_id).data.params.items() if k.startswith("chosen.")}
         for r in (first, second)
     ]
     assert chosen[0] == chosen[1] and "chosen.layer" in chosen[0]
@@ -80,16 +81,16 @@ def test_checkpoint_on_s3_loads_and_is_edited(runs, s3, mlflow_server, tiny_dirs
     from transformers import AutoModelForCausalLM
 
     _, second, _, _, output_uri = runs
-    assert second["checkpoint"] == output_uri
+    assert second.checkpoint == output_uri
     fs = s3.filesystem()
     root = output_uri.removeprefix("s3://")
     files = {p.removeprefix(root + "/") for p in fs.find(root)}
     assert {"config.json", "model.safetensors", "README.md", "direction.safetensors"} <= files
     assert not [p for p in fs.find(s3.url("models").removeprefix("s3://")) if ".partial-" in p]
     # The second run overwrote the first one's checkpoint: its card names the second run.
-    assert second["run_id"] in fs.cat(f"{root}/README.md").decode()
+    assert second.run_id in fs.cat(f"{root}/README.md").decode()
     # ... and copied it into MLflow (mlflow.checkpoint=artifact), through the server into S3.
-    tracked = {a.path for a in MlflowClient(mlflow_server.url).list_artifacts(second["run_id"], "checkpoint")}
+    tracked = {a.path for a in MlflowClient(mlflow_server.url).list_artifacts(second.run_id, "checkpoint")}
     assert {"checkpoint/model.safetensors", "checkpoint/direction.safetensors"} <= tracked
 
     fs.get(root + "/", str(tmp_path / "ckpt") + "/", recursive=True)
@@ -107,7 +108,7 @@ def test_checkpoint_on_s3_loads_and_is_edited(runs, s3, mlflow_server, tiny_dirs
 def test_runs_read_back_from_mlflow_server(runs, s3, mlflow_server, tmp_path):
     first, *_ = runs
     client = MlflowClient(mlflow_server.url)
-    run = client.get_run(first["run_id"])
+    run = client.get_run(first.run_id)
     assert run.info.status == "FINISHED"
     assert run.data.params["data.name"] == "french"
     assert run.data.params["cache.uri"] == s3.url("cache")
@@ -129,7 +130,7 @@ def test_runs_read_back_from_mlflow_server(runs, s3, mlflow_server, tmp_path):
 def test_no_secret_reaches_mlflow(runs, mlflow_server, tmp_path):
     client = MlflowClient(mlflow_server.url)
     for result in runs[:2]:
-        run = client.get_run(result["run_id"])
+        run = client.get_run(result.run_id)
         config = Path(client.download_artifacts(run.info.run_id, "config.yaml", str(tmp_path)))
         logged = json.dumps([run.data.params, run.data.tags]) + config.read_text(encoding="utf-8")
         assert SECRET_KEY not in logged and ACCESS_KEY not in logged

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from flows._common import to_config
-from flows.finetune import FinetuneConfig, finetune
+from flows.finetune import finetune
+from tasks.sft.config import FinetuneConfig
 from tests.conftest import compose
 
 
@@ -41,7 +42,7 @@ def run(s3, s3_ray, tiny_dirs, tmp_path_factory):
 
 
 def test_ray_train_checkpoint_on_s3(run, s3):
-    resumable = run["result"].resumable
+    resumable = run.train.resumable
     assert resumable and resumable.startswith(f"{s3.bucket}/ray-train/")
     files = s3.filesystem().find(resumable)
     assert files, f"no files under {resumable}"
@@ -50,7 +51,7 @@ def test_ray_train_checkpoint_on_s3(run, s3):
 def test_final_checkpoint_on_s3_reloads_trained(run, s3, tiny_dirs, tmp_path, tokenizer):
     from transformers import AutoModelForCausalLM
 
-    uri = run["result"].checkpoint
+    uri = run.train.checkpoint
     assert uri == s3.url("sft", "tiny")
     fs = s3.filesystem()
     root = uri.removeprefix("s3://")

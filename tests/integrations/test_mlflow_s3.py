@@ -10,8 +10,8 @@ from mlflow.tracking import MlflowClient
 
 from flows import _tracking as tracking
 from flows._common import to_config
-from flows.abliterate import AbliterateConfig
 from tasks.core.config import MlflowConfig
+from tasks.directions.config import AbliterateConfig
 from tests.conftest import compose
 
 

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from tasks.core import storage
-from tasks.core.config import PromptSource, StorageConfig
+from tasks.core.concept_config import PromptSource
+from tasks.core.config import StorageConfig
 from tasks.core.errors import CompalignError
 from tasks.core.prompts import load_prompts, read_text_source
 from tasks.directions import cache

@@ -7,14 +7,8 @@ import torch
 
 from tasks.core.config import ModelOptions
 from tasks.core.errors import CompalignError
-from tasks.core.model import (
-    inspect_model,
-    load_model,
-    num_layers,
-    residual_writers,
-    untie_embeddings,
-    weights_identity,
-)
+from tasks.core.model import inspect_model, load_model, num_layers, weights_identity
+from tasks.core.writers import residual_writers, untie_embeddings
 
 
 def test_packaged_model_loads_with_template_and_identity(smollm2):

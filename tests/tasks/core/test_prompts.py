@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from tasks.core.config import PromptSource, SplitConfig
+from tasks.core.concept_config import PromptSource, SplitConfig
 from tasks.core.errors import CompalignError
 from tasks.core.prompts import (
     fingerprint,
@@ -118,7 +118,7 @@ def test_validation_of_another_source_replaces_the_val_part():
 
 
 def test_validation_sets_go_together():
-    from tasks.core.config import ValidationSets
+    from tasks.core.concept_config import ValidationSets
     from tasks.core.errors import ConfigError
 
     assert ValidationSets().sources() is None

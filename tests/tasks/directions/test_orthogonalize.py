@@ -7,7 +7,7 @@ import torch
 
 from tasks.core.errors import CompalignError
 from tasks.core.hooks import Ablation, intervene
-from tasks.core.model import residual_writers
+from tasks.core.writers import residual_writers
 from tasks.directions.orthogonalize import orthogonalize_weights
 from tests.conftest import make_tiny
 

@@ -4,13 +4,13 @@ is reproducible."""
 import pytest
 import torch
 
-from tasks.core.config import RefineConfig
+from tasks.core.contrast import behaviour_log_odds, behaviour_token_ids
 from tasks.core.errors import CompalignError
 from tasks.core.hooks import Ablation, intervene
 from tasks.directions.candidates import LayerWeights, difference_of_means
 from tasks.directions.collect import collect_activation_sums
+from tasks.directions.config import RefineConfig
 from tasks.directions.refine import refine_direction
-from tasks.directions.score import behaviour_log_odds, behaviour_token_ids
 from tasks.evaluation.evaluate import next_token_logprobs
 from tests.conftest import make_tiny
 from tests.tasks.directions.test_score import BASELINE, TARGET

@@ -2,8 +2,8 @@
 
 import pytest
 
-from tasks.core.config import SelectConfig
 from tasks.core.errors import CompalignError
+from tasks.directions.config import SelectConfig
 from tasks.directions.score import CandidateScore
 from tasks.directions.select import choose, pick_finalists, rank_candidates
 

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from tasks.core.config import JudgeConfig
+from tasks.core.concept_config import JudgeConfig
 from tasks.core.errors import CompalignError
 from tasks.evaluation.classifier_judge import ClassifierJudge, Embedder, embedder_dir, load_labelled
 from tasks.evaluation.evaluate import cohen_kappa, judge_answers

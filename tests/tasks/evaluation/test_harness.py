@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from tasks.core.config import HarnessConfig
+from tasks.core.concept_config import HarnessConfig
 from tasks.core.errors import CompalignError
 from tasks.core.hooks import Addition, intervene
 from tasks.evaluation.harness import BUNDLED_TASKS, run_harness

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tasks.core.config import JudgeConfig
+from tasks.core.concept_config import JudgeConfig
 from tasks.core.errors import CompalignError, ConfigError
 from tasks.evaluation.hub_judge import HubJudge
 from tasks.evaluation.judges import make_second_judge, second_judge_kind

@@ -1,4 +1,4 @@
-from tasks.core.config import JudgeConfig
+from tasks.core.concept_config import JudgeConfig
 from tasks.evaluation.judges import LanguageJudge, RefusalJudge, make_judge
 
 

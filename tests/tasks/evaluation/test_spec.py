@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from tasks.core.config import EvalConfig, JudgeConfig
+from tasks.core.concept_config import EvalConfig, JudgeConfig
 from tasks.core.errors import CompalignError
 from tasks.evaluation.spec import EvalSpec, build_spec, judge_versions, mismatches, require_comparable
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from tasks.core.config import JudgeConfig
+from tasks.core.concept_config import JudgeConfig
 from tasks.evaluation.judges import LanguageJudge, make_second_judge
 from tasks.evaluation.trigram_judge import TrigramLanguageJudge, TrigramProfiles, reference_texts, trigrams
 

@@ -10,7 +10,7 @@ import torch
 from tasks.core.errors import CompalignError
 from tasks.core.hooks import Ablation, intervene
 from tasks.directions.orthogonalize import orthogonalize_weights
-from tasks.sweep.kernels import Kernel, first_active_layer, from_fractions, kernel_weights
+from tasks.sweep.kernels import Kernel, falloff_layers, first_active_layer, kernel_weights, peak_position_at
 from tests.conftest import make_tiny
 
 
@@ -46,10 +46,9 @@ def test_first_active_layer():
     assert first_active_layer(kernel_weights(Kernel.off(), 4)) is None
 
 
-def test_from_fractions_uses_the_depth():
-    k = from_fractions(1.1, 0.5, 0.2, 0.25, n_layers=31)
-    assert k.peak_position == pytest.approx(15.0) and k.falloff == pytest.approx(7.75)
-    assert k.peak_weight == 1.1 and k.min_weight == 0.2
+def test_fractions_of_the_depth_become_layers():
+    assert peak_position_at(0.5, n_layers=31) == pytest.approx(15.0)
+    assert falloff_layers(0.25, n_layers=31) == pytest.approx(7.75)
 
 
 def test_bad_kernels_are_rejected():

@@ -7,24 +7,19 @@ import random
 import pytest
 
 from tasks.core.errors import CompalignError, ConfigError
+from tasks.sweep.config import PickConfig, SearchConfig, SweepSpace
+from tasks.sweep.front import finalists, pareto_mask, pareto_plot, pick, trials_table
 from tasks.sweep.search import (
     GridProposer,
     LocalRunner,
-    PickConfig,
-    SearchConfig,
-    SweepSpace,
     TpeProposer,
     TrialRecord,
     dimensions,
-    finalists,
     grid_trials,
-    pareto_mask,
-    pareto_plot,
-    pick,
     run_search,
-    trials_table,
 )
-from tasks.sweep.trials import Trial, TrialScore
+from tasks.sweep.trial import Trial
+from tasks.sweep.trials import TrialScore
 
 HERETIC = SweepSpace(
     interventions=["ablate", "ablate_add"],

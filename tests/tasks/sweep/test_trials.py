@@ -7,23 +7,18 @@ import pytest
 import torch
 
 from tasks.core.bootstrap import bootstrap_rate
-from tasks.core.config import EvalConfig, JudgeConfig
+from tasks.core.concept_config import EvalConfig, JudgeConfig
+from tasks.core.contrast import behaviour_log_odds, behaviour_token_ids
 from tasks.core.errors import CompalignError
 from tasks.core.prompts import load_safe_prompts
 from tasks.directions.candidates import difference_of_means, interpolate_layer
 from tasks.directions.collect import collect_activation_sums
-from tasks.directions.score import behaviour_log_odds, behaviour_token_ids
 from tasks.evaluation.evaluate import next_token_logprobs
 from tasks.evaluation.judges import make_judge
+from tasks.sweep.confirm import confirm
 from tasks.sweep.kernels import Kernel
-from tasks.sweep.trials import (
-    Trial,
-    TrialEvaluator,
-    applied,
-    build_edit,
-    confirm,
-    interpolate_norm,
-)
+from tasks.sweep.trial import Trial, applied, build_edit, interpolate_norm
+from tasks.sweep.trials import TrialEvaluator
 from tests.conftest import SHARED_DATA, make_tiny
 
 TARGET = [

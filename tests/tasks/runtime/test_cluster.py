@@ -1,4 +1,4 @@
-"""Cluster behaviour of tasks.runtime.workers on local Ray: ray.pack_on_one_node places the WorkerPool's actors in
+"""Cluster behaviour of tasks.runtime (pool and cluster) on local Ray: ray.pack_on_one_node places the WorkerPool's actors in
 one STRICT_PACK placement group; the environment forwarded to workers never carries a secret."""
 
 from __future__ import annotations
@@ -9,8 +9,11 @@ import time
 import ray
 from ray.util.placement_group import placement_group_table
 
-from tasks.core.config import CollectConfig, ModelOptions, RayConfig
-from tasks.runtime.workers import FORWARDED_ENV, WorkerPool, forwarded_env
+from tasks.core.concept_config import CollectConfig
+from tasks.core.config import ModelOptions, RayConfig
+from tasks.directions.collect import ActivationSums, collect_part
+from tasks.runtime.cluster import FORWARDED_ENV, forwarded_env
+from tasks.runtime.pool import WorkerPool
 
 
 def _group_cpus_free(pg_hex: str, timeout: float = 10.0) -> float:
@@ -36,7 +39,8 @@ def test_pack_on_one_node_places_workers_in_one_strict_pack_group(ray_local, tin
         # The workers hold the group's CPUs (not CPUs beside it), and work from inside it.
         assert ray.cluster_resources()[f"CPU_group_{pg.id.hex()}"] == 2.0
         assert _group_cpus_free(pg.id.hex()) == 0.0
-        sums = pool.collect([f"prompt {i}" for i in range(6)], positions=2, batch_size=4, stage="collect")
+        prompts = [f"prompt {i}" for i in range(6)]
+        sums = ActivationSums.merge(pool.map(collect_part, prompts, 2, 4, stage="collect", unit="prompts"))
         assert sums.count == 6
     finally:
         pool.shutdown()
