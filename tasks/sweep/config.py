@@ -81,6 +81,11 @@ class SweepSpace:
         )
         for name in ("positions", "interventions", "scales", "embed_weights"):
             require(len(getattr(self, name)) > 0, f"sweep.{name} must list at least one value")
+        for name in ("scales", "embed_weights", "layer_span", *(["layers"] if self.layers else [])):
+            values = getattr(self, name)
+            require(
+                all(math.isfinite(v) for v in values), f"sweep.{name} must be finite numbers, got {values}"
+            )
         require(self.layers is None or len(self.layers) > 0, "sweep.layers must list a layer or be null")
         require(all(p < 0 for p in self.positions), f"sweep.positions must be negative, got {self.positions}")
         bad = [i for i in self.interventions if i not in INTERVENTIONS]

@@ -72,6 +72,14 @@ def test_dimensions_resolve_fractions_and_defaults():
         dimensions(SweepSpace(positions=[-6]), 30, 5)
 
 
+@pytest.mark.parametrize("key", ["scales", "embed_weights", "layers", "layer_span"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_the_space_refuses_non_finite_numbers(key, bad):
+    values = {"scales": [-1.0, bad], "embed_weights": [bad], "layers": [4.0, bad], "layer_span": [0.4, bad]}
+    with pytest.raises(CompalignError, match=f"sweep.{key} must be"):
+        SweepSpace(**{key: values[key]})
+
+
 def test_grid_is_every_combination_in_a_fixed_order():
     space = SweepSpace(layers=[4, 8, 12], positions=[-1, -2], interventions=["add"], scales=[0.5, 1, 2])
     trials = grid_trials(dimensions(space, 30, 5), limit=None)
