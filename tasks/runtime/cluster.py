@@ -9,7 +9,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
 import socket
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -53,6 +55,21 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def private_token() -> Path | None:
+    """Make sure the local Ray's authentication token exists and only this user can read it (Ray writes
+    its own world-readable). Returns its file (None when RAY_AUTH_TOKEN gives the token itself)."""
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return None
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.exists():
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(secrets.token_hex(32))
+    path.chmod(0o600)
+    return path
+
+
 def init_ray(cfg: RayConfig) -> None:
     """Start a local Ray (default) or join ``cfg.address``; quiet unless something goes wrong.
 
@@ -71,7 +88,16 @@ def init_ray(cfg: RayConfig) -> None:
         "runtime_env": {"env_vars": env} if env else None,
     }
     if cfg.address is None:
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # local only: the dashboard listens on loopback
+        # Ray's GCS server and raylet listen on every interface even when started for this machine alone
+        # (tests/tasks/runtime/test_cluster.py lists them): only a process holding the token may connect.
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
+        if os.environ["RAY_AUTH_MODE"] == "token":
+            private_token()
+            # Ray read its config (auth mode included) when it was imported; re-read it, as ray.init does
+            # when it turns token mode on itself.
+            from ray._raylet import Config
+
+            Config.initialize("")
         # Ray Train's spot-preemption watcher has nothing to watch on one machine, and its start logs an
         # error-level line (restartable actor with arguments in the object store) into every local run.
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")

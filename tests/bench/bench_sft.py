@@ -11,7 +11,6 @@ resident memory of each process (ZeRO-3: the larger of the two workers).
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import tempfile
@@ -20,7 +19,6 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 import psutil  # noqa: E402
 import ray  # noqa: E402

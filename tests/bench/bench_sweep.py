@@ -64,7 +64,6 @@ def main() -> None:
     from tasks.sweep.trials import bare_forward_seconds
 
     quiet_libraries()
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
     def shared(name: str, n: int | None = None) -> list[str]:
         return load_prompts(PromptSource(source=str(SHARED / name), column="instruction", limit=n))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import time
 
+import pytest
 import ray
 from ray.util.placement_group import placement_group_table
 
@@ -86,3 +87,50 @@ def test_workers_reach_the_state_api_of_their_own_local_ray(ray_local):
         assert ray.get(probe.alive.remote(probe._actor_id.hex())) is True
     finally:
         ray.kill(probe)
+
+
+def _ray_listening_addresses(ray_module) -> set[str]:
+    """Addresses that processes of this session's Ray listen on."""
+    import psutil
+
+    session = ray_module._private.worker.global_worker.node.get_session_dir_path()
+    pids = set()
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        cmdline = " ".join(proc.info["cmdline"] or [])
+        if session in cmdline:
+            pids.add(proc.info["pid"])
+    return {
+        c.laddr.ip for c in psutil.net_connections("inet") if c.status == psutil.CONN_LISTEN and c.pid in pids
+    }
+
+
+def test_local_ray_needs_its_token_since_it_listens_beyond_loopback(ray_local, tmp_path):
+    """The local Ray's GCS and raylet listen on every interface (Ray ignores a loopback node address),
+    so the flows keep token authentication on: a client without the token cannot join, one with it can,
+    and the token file is readable by this user only."""
+    import os
+    import stat
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    addresses = _ray_listening_addresses(ray_local)
+    assert addresses, "found no listening socket of the local Ray"
+    if addresses <= {"127.0.0.1", "::1"}:
+        pytest.skip(f"this Ray listens on loopback only ({addresses})")
+    assert os.environ["RAY_AUTH_MODE"] == "token"
+    token = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+    assert stat.S_IMODE(token.stat().st_mode) == 0o600
+    gcs = ray_local.get_runtime_context().gcs_address
+    join = f"import ray; ray.init(address={gcs!r}); print('joined', ray.cluster_resources()['CPU'])"
+
+    def client(**env: str) -> subprocess.CompletedProcess:
+        base = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+        return subprocess.run(
+            [sys.executable, "-c", join], env={**base, **env}, capture_output=True, text=True, timeout=120
+        )
+
+    stranger = client(HOME=str(tmp_path), RAY_AUTH_MODE="disabled")
+    assert stranger.returncode != 0 and "joined" not in stranger.stdout
+    holder = client(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token))
+    assert holder.returncode == 0 and "joined" in holder.stdout, holder.stderr[-2000:]
