@@ -106,11 +106,11 @@ def collect_sums(
     collect: CollectConfig,
     cache_uri: str | None,
     dtype: str,
-) -> tuple[ActivationSums, ActivationSums, bool]:
+) -> tuple[ActivationSums, ActivationSums, int]:
     """Train-split sums for target and baseline, from the activation cache when the same inputs were
-    collected before. Returns (target, baseline, every part came from the cache)."""
+    collected before. Returns (target, baseline, prompts the workers ran: 0 when both came from the cache)."""
     out = []
-    hits = 0
+    collected = 0
     for name, prompts in (("target", concept.target.train), ("baseline", concept.baseline.train)):
         key = cache.cache_key(
             spec.identity, fingerprint(prompts), spec.tokenizer.chat_template, concept.positions, dtype
@@ -118,13 +118,13 @@ def collect_sums(
         sums = cache.load_sums(cache_uri, key) if cache_uri else None
         if sums is not None:
             log.info("collect %s: cache hit (%d prompts, key %s)", name, sums.count, key[:12])
-            hits += 1
         else:
             sums = collect_on_pool(pool, prompts, concept.positions, collect.batch_size, f"collect {name}")
+            collected += sums.count
             if cache_uri:
                 cache.store_sums(cache_uri, key, sums)
         out.append(sums)
-    return out[0], out[1], hits == 2
+    return out[0], out[1], collected
 
 
 @dataclass

@@ -146,8 +146,10 @@ def find_direction(cfg: AbliterateConfig, pool: WorkerPool, spec, concept) -> Fo
 
     # 2. Collect residual activation sums on the train split (sharded on Ray; cached by content).
     dtype = dtype_name(cfg.model_options)
-    target_sums, baseline_sums, cached = collect_sums(pool, spec, concept, cfg.collect, cfg.cache.uri, dtype)
-    mlflow.set_tag("activation_cache", "hit" if cached else "miss")
+    target_sums, baseline_sums, collected = collect_sums(
+        pool, spec, concept, cfg.collect, cfg.cache.uri, dtype
+    )
+    mlflow.set_tag("activation_cache", "miss" if collected else "hit")
 
     # 3. Candidate directions: difference of means per (layer, position).
     candidates = difference_of_means(target_sums, baseline_sums, projected=cfg.direction.projected)

@@ -43,7 +43,6 @@ from tasks.core.checkpoint import model_card, save_loaded
 from tasks.core.model import dtype_name, inspect_model
 from tasks.core.progress import Progress
 from tasks.directions.candidates import Candidates, difference_of_means
-from tasks.directions.collect import collected_prompts
 from tasks.runtime import cluster
 from tasks.runtime.pool import WorkerPool
 from tasks.sweep.config import SearchConfig, SweepConfig
@@ -98,11 +97,12 @@ def sweep(cfg: SweepConfig, raw: DictConfig) -> SweepResult:
         pool = WorkerPool(cfg.model, cfg.model_options, cfg.pool, cfg.ray)
         try:
             # 2. Collect activation sums on the train split (from the cache when the inputs were seen).
-            target_sums, baseline_sums, cached = collect_sums(
+            target_sums, baseline_sums, collected = collect_sums(
                 pool, spec, concept, cfg.pool, cfg.cache.uri, dtype
             )
+            cached = collected == 0
             # 3. Candidate directions per (layer, position); trials blend neighbouring layers.
-            candidates = _candidates(cfg, pool, target_sums, baseline_sums, cached)
+            candidates = _candidates(cfg, target_sums, baseline_sums, collected)
             # 4. Every worker tokenizes the validation prompts and caches the unedited model's references.
             clean, threshold = prepare_references(pool, concept, cfg.search, candidates)
             # 5. Search: trials on the workers, at most search.parallel in flight, one nested run each.
@@ -138,9 +138,9 @@ def sweep(cfg: SweepConfig, raw: DictConfig) -> SweepResult:
         return result
 
 
-def _candidates(cfg: SweepConfig, pool: WorkerPool, target_sums, baseline_sums, cached: bool) -> Candidates:
-    mlflow.set_tag("activation_cache", "hit" if cached else "miss")
-    mlflow.log_metric("collect.prompts_collected", sum(pool.each(collected_prompts)))
+def _candidates(cfg: SweepConfig, target_sums, baseline_sums, collected: int) -> Candidates:
+    mlflow.set_tag("activation_cache", "miss" if collected else "hit")
+    mlflow.log_metric("collect.prompts_collected", collected)
     candidates = difference_of_means(target_sums, baseline_sums, projected=cfg.direction.projected)
     tracking.log_tensors(
         {"directions": candidates.directions, "norms": candidates.norms}, "candidates.safetensors"
@@ -249,7 +249,9 @@ def _confirm(
         concept.perplexity_text, cfg.eval,
         cfg.confirm.resamples, cfg.confirm.confidence, cfg.confirm.seed,
     )  # fmt: skip
-    pending = [pool.start(i % pool.size, confirm_trial, job, *args) for i, job in enumerate(jobs)]
+    pending = [
+        pool.start(i % pool.size, confirm_trial, job, *args, anywhere=True) for i, job in enumerate(jobs)
+    ]
     results = pool.gather(pending, f"confirm on the {split} split (generation)", unit="models")
     unedited = results[0]
     for conf in results[1:]:

@@ -93,9 +93,16 @@ class RayConfig:
     """Place all of one model's workers on one node (STRICT_PACK placement group)."""
     log_to_driver: bool = True
     """Forward worker logs to the driver (warnings and above reach it either way)."""
+    max_restarts: int = 3
+    """Times Ray restarts a model-holding worker that died (OOM kill, lost node): the new process loads
+    the model again and the calls that set the old one up are replayed on it. 0: a lost worker ends the run."""
+    retries: int = 3
+    """Times one call whose worker was lost runs again (a shard of a sharded call on another worker)."""
 
     def __post_init__(self) -> None:
         require(self.num_cpus is None or self.num_cpus > 0, f"ray.num_cpus must be > 0, got {self.num_cpus}")
+        require(self.max_restarts >= 0, f"ray.max_restarts must be >= 0, got {self.max_restarts}")
+        require(self.retries >= 0, f"ray.retries must be >= 0, got {self.retries}")
 
 
 @dataclass

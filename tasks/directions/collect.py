@@ -91,17 +91,8 @@ def collect_activation_sums(
     return ActivationSums(sums=sums, count=len(prompts))
 
 
-COLLECTED = "collect.prompts"
-
-
 def collect_part(worker: Worker, prompts: list[str], positions: int, batch_size: int) -> ActivationSums:
     """One shard of a pool's collection: the sums over ``prompts`` on the worker's model."""
-    worker.count(COLLECTED, len(prompts))
     return collect_activation_sums(
         worker.loaded.model, worker.loaded.tokenizer, prompts, positions, batch_size
     )
-
-
-def collected_prompts(worker: Worker) -> int:
-    """Prompts this worker ran through ``collect_part`` (0 when every sum came from the cache)."""
-    return worker.state.get(COLLECTED, 0)

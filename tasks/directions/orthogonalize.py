@@ -7,7 +7,7 @@ from torch import nn
 
 from tasks.core.errors import CompalignError
 from tasks.core.model import hidden_size
-from tasks.core.worker import Worker
+from tasks.core.worker import Worker, sets_up
 from tasks.core.writers import residual_writers, untie_embeddings
 from tasks.directions.candidates import LayerWeights
 
@@ -57,6 +57,7 @@ def orthogonalize_weights(
     return edited
 
 
+@sets_up
 def orthogonalize_loaded(worker: Worker, direction: torch.Tensor, weights: LayerWeights | None = None) -> int:
     """Orthogonalize the worker's model in place (fully, or with per-layer ``weights``); edited tensors."""
     r = direction.to(worker.loaded.device)

@@ -29,7 +29,7 @@ from tasks.core.forward import last_logits, left_pad, pad_id, tokenize
 from tasks.core.hooks import Ablation, intervene
 from tasks.core.model import hidden_size
 from tasks.core.prompts import format_chat
-from tasks.core.worker import Worker
+from tasks.core.worker import Worker, sets_up
 from tasks.directions.candidates import LayerWeights, check_direction
 from tasks.directions.config import RefineConfig
 from tasks.evaluation.evaluate import next_token_logprobs
@@ -169,6 +169,7 @@ def _ablation(r: torch.Tensor, weights: LayerWeights | None) -> Ablation:
 REFINER = "refine.refiner"
 
 
+@sets_up
 def prepare_refine(
     worker: Worker,
     direction: torch.Tensor,
@@ -188,6 +189,7 @@ def prepare_refine(
     worker.keep(REFINER, refiner)
 
 
+@sets_up
 def refine_steps(worker: Worker, steps: int) -> Refined:
     """Run ``steps`` more refinement steps; the state so far (the driver reports progress between calls)."""
     refiner = worker.held(REFINER, DirectionRefiner)

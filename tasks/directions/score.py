@@ -37,7 +37,7 @@ from tasks.core.forward import (
 )
 from tasks.core.hooks import Ablation, Addition, capture_residuals, intervene
 from tasks.core.prompts import format_chat
-from tasks.core.worker import Worker
+from tasks.core.worker import Worker, sets_up
 
 log = logging.getLogger(__name__)
 
@@ -280,6 +280,7 @@ def scorable_layers(n_layers: int, layer_cutoff: float) -> list[int]:
 SCORER = "score.scorer"
 
 
+@sets_up
 def prepare_scoring(
     worker: Worker,
     target: list[str],

@@ -186,22 +186,26 @@ class LocalRunner:
 
 class PoolTrialRunner:
     """Runs trials on a pool's workers (``tasks.runtime.pool.WorkerPool``): each trial goes to the worker with
-    the fewest trials in flight; a worker runs its trials one after another."""
+    the fewest trials in flight; a worker runs its trials one after another. A trial whose worker is lost
+    runs again on another one (the pool's retry), with the same score."""
 
     def __init__(self, pool) -> None:
         self.pool = pool
         self.load = [0] * pool.size
+        self._worker: dict[object, int] = {}
 
     def start(self, trial: Trial):
         worker = self.load.index(min(self.load))
         self.load[worker] += 1
-        return self.pool.start(worker, run_trial, trial)
+        handle = self.pool.start(worker, run_trial, trial, anywhere=True)
+        self._worker[handle] = worker
+        return handle
 
     def wait(self, handles: list) -> list:
         return self.pool.wait_any(handles)
 
     def result(self, handle) -> TrialScore:
-        self.load[handle.worker] -= 1
+        self.load[self._worker.pop(handle)] -= 1
         return handle.get()
 
 

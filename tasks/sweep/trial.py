@@ -19,7 +19,7 @@ from torch import nn
 
 from tasks.core.errors import CompalignError
 from tasks.core.hooks import Ablation, Addition, intervene
-from tasks.core.worker import Worker
+from tasks.core.worker import Worker, sets_up
 from tasks.directions.candidates import Candidates, interpolate_layer
 from tasks.directions.orthogonalize import orthogonalize_weights
 from tasks.sweep.kernels import Kernel, first_active_layer, kernel_weights
@@ -172,6 +172,7 @@ def _on_device(item, model: nn.Module):
     return Addition(item.vector.to(device), item.layer)
 
 
+@sets_up
 def export_trial(worker: Worker, trial: Trial) -> int:
     """Bake an ablation trial into the worker's weights (in place: it runs no more trials); edited tensors."""
     ablation = build_edit(trial, worker.held(CANDIDATES, Candidates)).ablation

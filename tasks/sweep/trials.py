@@ -23,7 +23,7 @@ from tasks.core.contrast import ContrastPrompts, behaviour_log_odds, kl_divergen
 from tasks.core.errors import CompalignError, choice
 from tasks.core.forward import chunks, last_logits, left_pad, prefix_cache, run_from_layer
 from tasks.core.hooks import capture_residuals
-from tasks.core.worker import Worker
+from tasks.core.worker import Worker, sets_up
 from tasks.directions.candidates import Candidates
 from tasks.sweep.config import BehaviourRate
 from tasks.sweep.trial import CANDIDATES, Trial, TrialEdit, applied, build_edit
@@ -247,6 +247,7 @@ class TrialEvaluator:
         return time.perf_counter() - begin
 
 
+@sets_up
 def prepare_trials(
     worker: Worker,
     target: list[str],
@@ -276,6 +277,7 @@ def prepare_trials(
     ]
 
 
+@sets_up
 def install_references(worker: Worker, *parts: list) -> tuple[TrialScore, float]:
     """Give this worker every part of the unedited references; the unedited scores and the threshold."""
     evaluator = worker.held(EVALUATOR, TrialEvaluator)

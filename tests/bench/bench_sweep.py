@@ -91,8 +91,8 @@ def main() -> None:
         pool = WorkerPool("packaged:smollm2", ModelOptions(), collect, RayConfig())
         try:
             marks = {"workers ready": time.monotonic() - started}
-            target, baseline, cached = collect_sums(pool, spec, concept, collect, cache, "float32")
-            marks["collected" + (" (cache hit)" if cached else "")] = time.monotonic() - started
+            target, baseline, collected = collect_sums(pool, spec, concept, collect, cache, "float32")
+            marks["collected" + ("" if collected else " (cache hit)")] = time.monotonic() - started
             candidates = difference_of_means(target, baseline)
             search = SearchConfig(batch_size=args.batch_size)
             clean, _ = prepare_references(pool, concept, search, candidates)
