@@ -5,6 +5,7 @@ retries allowed, one clear error."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import signal
 from pathlib import Path
@@ -23,8 +24,12 @@ PROMPTS = [f"Tell me about the number {n} and why it matters." for n in range(12
 
 def _die_on_call(marker: Path, call: int) -> None:
     """SIGKILL this process on the ``call``-th call (counted across processes in ``marker``), once."""
-    seen = int(marker.read_text()) if marker.exists() else 0
-    marker.write_text(str(seen + 1))
+    with open(marker, "a+") as counter:
+        fcntl.flock(counter, fcntl.LOCK_EX)  # two workers count at once
+        counter.seek(0)
+        seen = len(counter.read())
+        counter.write(".")
+        counter.flush()
     if seen + 1 == call:
         os.kill(os.getpid(), signal.SIGKILL)
 
