@@ -19,7 +19,7 @@ from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import save_file
 
-from tasks.core import storage
+from tasks.core import publish, storage
 from tasks.core.config import MlflowConfig
 from tasks.core.errors import CompalignError
 from tasks.evaluation.spec import EvalSpec
@@ -175,14 +175,36 @@ def log_checkpoint(mode: str, location: str) -> None:
         return
     mlflow.set_tag("checkpoint_uri", location)
     if mode == "artifact" and storage.is_remote(location):
-        with tempfile.TemporaryDirectory() as tmp:  # s3://...: copied through this machine
-            fs, path = storage.filesystem(location)
+        with tempfile.TemporaryDirectory() as tmp:  # s3://...: its current version, through this machine
+            fs, path = storage.filesystem(publish.resolve(location))
             fs.get(path.rstrip("/") + "/", tmp + "/", recursive=True)
             mlflow.log_artifacts(tmp, artifact_path="checkpoint")
     elif mode == "artifact":
         mlflow.log_artifacts(location, artifact_path="checkpoint")
     else:
         mlflow.log_dict({"uri": location}, "checkpoint.json")
+
+
+def store_location(cfg: MlflowConfig) -> str | None:
+    """The folder a local tracking store writes in (the SQLite file's, or the store's); None for a server."""
+    uri = cfg.tracking_uri
+    if uri.startswith("sqlite:///"):
+        return str(Path(uri.removeprefix("sqlite:///")).parent)
+    if "://" not in uri or uri.startswith("file://"):
+        return uri.removeprefix("file://")
+    return None
+
+
+def check_outputs(cfg, extra: dict[str, str | None] | None = None) -> None:
+    """Every place the run will write (the MLflow store, ``cache.uri``, ``output.uri`` when saving, and
+    ``extra``) is checked for write access now, before any worker starts: one message naming the key."""
+    locations = {"mlflow.tracking_uri": store_location(cfg.mlflow)}
+    if getattr(cfg, "cache", None) is not None:
+        locations["cache.uri"] = cfg.cache.uri
+    output = getattr(cfg, "output", None)
+    if output is not None and output.save:
+        locations["output.uri"] = output.uri or "checkpoints"
+    storage.check_outputs({**locations, **(extra or {})})
 
 
 def ui_hint(cfg: MlflowConfig, run: mlflow.entities.RunInfo | None = None) -> str:

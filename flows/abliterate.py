@@ -83,10 +83,12 @@ def abliterate(cfg: AbliterateConfig, raw: DictConfig) -> AbliterateResult:
     log.info("abliterate: concept %r on %s", cfg.data.name, cfg.model)
 
     # 1. Inspect the model (config and tokenizer, no weights), load the prompt sets and any given
-    #    direction: every input is checked before a worker starts or a run is recorded.
+    #    direction, and check that every output location is writable: every input is checked before a
+    #    worker starts or a run is recorded.
     spec = inspect_model(cfg.model, cfg.model_options)
     concept = load_concept(cfg.data, spec.tokenizer, cfg.collect, cfg.eval)
     given = given_direction(cfg, spec)
+    tracking.check_outputs(cfg)
 
     with tracking.run(cfg.mlflow, f"abliterate-{cfg.data.name}", tags={"flow": "abliterate"}) as active:
         tracking.log_run_inputs(raw, concept.fingerprints, spec.identity, concept=cfg.data.name)

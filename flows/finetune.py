@@ -85,9 +85,11 @@ def finetune(cfg: FinetuneConfig, raw: DictConfig) -> FinetuneResult:
     ray_cfg = job_ray_config(cfg.ray)
 
     # 1. Inspect the model (config and tokenizer, no weights), check the DeepSpeed config against the
-    #    workers, load the data, the filter's direction and the evaluation prompts.
+    #    workers, load the data, the filter's direction and the evaluation prompts; check that every
+    #    output location is writable.
     spec = inspect_model(cfg.model, cfg.model_options)
     inputs = load_inputs(cfg, spec)
+    tracking.check_outputs(cfg, {"train.storage_uri": cfg.train.storage_uri or "checkpoints/ray_train"})
 
     # 2-3. Filter (phrases here; the direction detector on Ray actors), tokenize, split and plan the
     #      schedule; no usable rows, or too few for one step, is an error here.

@@ -89,6 +89,7 @@ def sweep(cfg: SweepConfig, raw: DictConfig) -> SweepResult:
     concept = load_concept(cfg.data, spec.tokenizer, cfg.pool, cfg.eval)
     proposer = make_proposer(cfg.search, dimensions(cfg.sweep, spec.n_layers, concept.positions))
     dtype = dtype_name(cfg.model_options)
+    tracking.check_outputs(cfg)
 
     with tracking.run(cfg.mlflow, f"sweep-{cfg.data.name}", tags={"flow": "sweep"}) as active:
         tracking.log_run_inputs(

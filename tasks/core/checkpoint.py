@@ -10,7 +10,7 @@ from pathlib import Path
 
 from torch import nn
 
-from tasks.core import storage
+from tasks.core import publish
 from tasks.core.worker import Worker
 
 log = logging.getLogger(__name__)
@@ -33,10 +33,10 @@ def model_card(base_model: str, summary: dict, body: str) -> str:
 def publish_staged(uri: str, write: Callable[[Path], None]) -> str:
     """Run ``write(stage)`` into a staging directory, then move it into place at ``uri`` (local or
     fsspec); a failed write leaves nothing at ``uri`` and no staging directory. Returns the location."""
-    stage = storage.staging_dir(uri)
+    stage = publish.staging_dir(uri)
     try:
         write(Path(stage))
-        return storage.publish_dir(stage, uri, overwrite=True)
+        return publish.publish_dir(stage, uri, overwrite=True)
     finally:
         if Path(stage).exists():
             import shutil

@@ -9,7 +9,6 @@ started afterwards inherit it.
 from __future__ import annotations
 
 import os
-import shutil
 import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -94,9 +93,10 @@ def exists(uri: str) -> bool:
 
 
 def read_bytes(uri: str) -> bytes:
+    """The whole file in one read (one GET on S3: a snapshot even while another process replaces it,
+    where a buffered handle could mix two versions or fail on the changed ETag)."""
     fs, path = filesystem(uri)
-    with fs.open(path, "rb") as handle:
-        return handle.read()
+    return fs.cat_file(path)
 
 
 def write_bytes(uri: str, data: bytes) -> None:
@@ -116,58 +116,36 @@ def write_bytes(uri: str, data: bytes) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def publish_dir(local_dir: Path, uri: str, overwrite: bool = False) -> str:
-    """Move a finished local directory to ``uri`` so that readers never see it half-written.
+def check_writable(uri: str, key: str) -> None:
+    """Fail now, with one message naming the config ``key``, when nothing can be written at ``uri``: a
+    probe file is written and deleted there (local: in the nearest existing folder, so that no folder is
+    created for an output that may never come)."""
+    from tasks.core.errors import CompalignError
 
-    Local: a rename. Remote: upload to ``<uri>.partial-<id>``, then copy into place (a server-side copy)
-    and delete the partial prefix; the final prefix only appears after the whole upload succeeded, and
-    with ``overwrite`` the previous version is only deleted then. Files are listed explicitly: an object
-    store has no directories, so a recursive put/move of a "directory" is not reliable there."""
+    probe_name = f".compalign-write-check-{uuid.uuid4().hex[:8]}"
     if is_remote(uri):
-        fs, path = filesystem(uri)
-        path = path.rstrip("/")
-        if not overwrite and fs.exists(path):
-            raise FileExistsError(f"{uri} already exists")
-        files = sorted(p for p in Path(local_dir).rglob("*") if p.is_file())
-        names = [p.relative_to(local_dir).as_posix() for p in files]
-        tmp = f"{path}.partial-{uuid.uuid4().hex[:8]}"
-        try:
-            if files:
-                fs.put([str(p) for p in files], [f"{tmp}/{n}" for n in names])
-            if fs.exists(path):
-                fs.rm(path, recursive=True)
-            if files:
-                fs.copy([f"{tmp}/{n}" for n in names], [f"{path}/{n}" for n in names])
-        finally:
-            if fs.exists(tmp):
-                fs.rm(tmp, recursive=True)
-        shutil.rmtree(local_dir, ignore_errors=True)
-        return uri.rstrip("/")
-    target = local_path(uri)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    if target.exists():
-        if not overwrite:
-            raise FileExistsError(f"{target} already exists")
-        shutil.rmtree(target)
+        probe = join(uri, probe_name)
+    else:
+        folder = local_path(uri).absolute()
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent
+        if not folder.is_dir():
+            raise CompalignError(
+                f"{key}: cannot write to {uri}: {folder} is a file, not a folder; change {key}"
+            )
+        probe = str(folder / probe_name)
     try:
-        os.replace(local_dir, target)
-    except OSError:  # another filesystem: copy next to the target, then rename there
-        tmp = target.with_name(f".{target.name}.partial-{uuid.uuid4().hex[:8]}")
-        shutil.copytree(local_dir, tmp)
-        os.replace(tmp, target)
-        shutil.rmtree(local_dir, ignore_errors=True)
-    return str(target.absolute())
+        write_bytes(probe, b"")
+        fs, path = filesystem(probe)
+        fs.rm(path)
+    except Exception as e:  # noqa: BLE001 - any storage error means the same to the user
+        raise CompalignError(
+            f"{key}: cannot write to {uri} ({type(e).__name__}: {e}); change {key} or its permissions"
+        ) from e
 
 
-def staging_dir(uri: str) -> Path:
-    """A fresh local directory to build an output in before ``publish_dir``: next to a local target (so the
-    final rename stays on one filesystem), in the temp dir for a remote one."""
-    if is_remote(uri):
-        import tempfile
-
-        return Path(tempfile.mkdtemp(prefix="compalign-stage-"))
-    target = local_path(uri)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    stage = target.with_name(f".{target.name}.partial-{uuid.uuid4().hex[:8]}")
-    stage.mkdir()
-    return stage
+def check_outputs(locations: dict[str, str | None]) -> None:
+    """``check_writable`` for each config key's location (None: not used by this run)."""
+    for key, uri in locations.items():
+        if uri:
+            check_writable(uri, key)

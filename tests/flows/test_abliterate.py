@@ -344,6 +344,19 @@ def test_bad_prompt_files_and_direction(tmp_path, caplog, workdir, tiny_dirs):
     )
 
 
+@pytest.mark.parametrize("key", ["output.uri", "cache.uri", "mlflow.tracking_uri"])
+def test_unwritable_output_fails_before_any_worker(key, tmp_path, caplog, workdir):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    where = f"sqlite:///{blocker}/mlflow.db" if key == "mlflow.tracking_uri" else str(blocker / "out")
+    with pytest.raises(SystemExit) as exit_info:
+        run_flow([f"mlflow.tracking_uri=sqlite:///{workdir}/mlflow.db", f"{key}={where}"])
+    assert exit_info.value.code == 2
+    assert f"{key}: cannot write to" in caplog.text and "change" in caplog.text
+    assert "starting" not in caplog.text  # no worker was started and no run recorded
+    assert not (workdir / "checkpoints").exists() and not (workdir / "mlflow.db").exists()
+
+
 def test_entry_point_exits_nonzero_with_one_message(tmp_path, tiny_dirs):
     """The real command line: unsupported architecture and a model without a chat template."""
     from transformers import GPT2Config, GPT2LMHeadModel

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 from flows._common import to_config
 from flows.abliterate import abliterate
+from tasks.core import publish
 from tasks.directions.config import AbliterateConfig
 from tests.conftest import compose
 from tests.integrations.conftest import ACCESS_KEY, SECRET_KEY
@@ -83,9 +84,11 @@ def test_checkpoint_on_s3_loads_and_is_edited(runs, s3, mlflow_server, tiny_dirs
     _, second, _, _, output_uri = runs
     assert second.checkpoint == output_uri
     fs = s3.filesystem()
-    root = output_uri.removeprefix("s3://")
+    root = publish.resolve(output_uri).removeprefix("s3://")  # the current version
     files = {p.removeprefix(root + "/") for p in fs.find(root)}
     assert {"config.json", "model.safetensors", "README.md", "direction.safetensors"} <= files
+    # One version left after the overwrite, and no staging prefix.
+    assert fs.ls(f"{output_uri.removeprefix('s3://')}/versions", detail=False) == [root, root + ".done"]
     assert not [p for p in fs.find(s3.url("models").removeprefix("s3://")) if ".partial-" in p]
     # The second run overwrote the first one's checkpoint: its card names the second run.
     assert second.run_id in fs.cat(f"{root}/README.md").decode()

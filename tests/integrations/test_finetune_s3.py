@@ -9,6 +9,7 @@ import torch
 
 from flows._common import to_config
 from flows.finetune import finetune
+from tasks.core import publish
 from tasks.sft.config import FinetuneConfig
 from tests.conftest import compose
 
@@ -54,7 +55,7 @@ def test_final_checkpoint_on_s3_reloads_trained(run, s3, tiny_dirs, tmp_path, to
     uri = run.train.checkpoint
     assert uri == s3.url("sft", "tiny")
     fs = s3.filesystem()
-    root = uri.removeprefix("s3://")
+    root = publish.resolve(uri).removeprefix("s3://")  # the current version
     names = {p.removeprefix(root + "/") for p in fs.find(root)}
     assert {"config.json", "model.safetensors", "README.md", "tokenizer.json"} <= names
     assert not [p for p in fs.find(s3.url("sft").removeprefix("s3://")) if ".partial-" in p]

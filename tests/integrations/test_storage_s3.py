@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import uuid
+from pathlib import Path
 
 import pyarrow.fs
 import pytest
 import torch
 
-from tasks.core import storage
+from tasks.core import publish, storage
 from tasks.core.concept_config import PromptSource
 from tasks.core.config import StorageConfig
 from tasks.core.errors import CompalignError
@@ -51,33 +52,122 @@ def _stage(tmp_path, name: str, files: dict[str, bytes]):
     return folder
 
 
-def test_publish_dir_uploads_overwrites_and_leaves_no_partial(s3, prefix, tmp_path):
+def _versions(fs, uri: str) -> list[str]:
+    return sorted(p.rsplit("/", 1)[-1] for p in fs.ls(f"{uri.removeprefix('s3://')}/versions", detail=False))
+
+
+def test_publish_dir_versions_overwrites_and_leaves_no_partial(s3, prefix, tmp_path):
     uri = storage.join(prefix, "ckpt")
     first = _stage(tmp_path, "one", {"model.safetensors": b"w1", "sub/tok.json": b"{}", "old.txt": b"x"})
-    assert storage.publish_dir(first, uri) == uri
+    assert publish.publish_dir(first, uri) == uri
     assert not first.exists()
     fs = s3.filesystem()
-    root = uri.removeprefix("s3://")
-    assert sorted(fs.find(root)) == [f"{root}/model.safetensors", f"{root}/old.txt", f"{root}/sub/tok.json"]
+    current = publish.resolve(uri).removeprefix("s3://")
+    assert sorted(fs.find(current)) == [
+        f"{current}/{n}" for n in ("model.safetensors", "old.txt", "sub/tok.json")
+    ]
 
     second = _stage(tmp_path, "two", {"model.safetensors": b"w2"})
     with pytest.raises(FileExistsError):
-        storage.publish_dir(second, uri)
-    storage.publish_dir(second, uri, overwrite=True)
+        publish.publish_dir(second, uri)
+    publish.publish_dir(second, uri, overwrite=True)
     # The new version replaces the old one whole: no file of the old version survives.
-    assert fs.find(root) == [f"{root}/model.safetensors"]
-    assert fs.cat(f"{root}/model.safetensors") == b"w2"
-    # A sibling whose name starts like the target (the staging prefix) must neither linger nor be removed.
-    leftovers = [p for p in fs.find(prefix.removeprefix("s3://")) if ".partial-" in p]
-    assert leftovers == []
+    now = publish.resolve(uri).removeprefix("s3://")
+    assert now != current and fs.find(now) == [f"{now}/model.safetensors"]
+    assert fs.cat(f"{now}/model.safetensors") == b"w2"
+    name = now.rsplit("/", 1)[-1]
+    assert _versions(fs, uri) == [name, f"{name}.done"]
+    assert not [p for p in fs.find(prefix.removeprefix("s3://")) if ".partial-" in p]
+
+
+def test_publish_over_a_prefix_written_before_versions(s3, prefix, tmp_path):
+    uri = storage.join(prefix, "legacy")
+    storage.write_bytes(storage.join(uri, "model.safetensors"), b"old")
+    assert publish.resolve(uri) == uri  # no pointer: the prefix itself is the checkpoint
+    publish.publish_dir(_stage(tmp_path, "new", {"model.safetensors": b"new"}), uri, overwrite=True)
+    assert storage.read_bytes(storage.join(publish.resolve(uri), "model.safetensors")) == b"new"
+    root = uri.removeprefix("s3://")
+    assert sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in s3.filesystem().ls(root)) == [
+        "CURRENT",
+        "versions",
+    ]
+
+
+def test_failed_upload_keeps_the_old_version_current_and_intact(s3, prefix, tmp_path, monkeypatch):
+    import s3fs
+
+    uri = storage.join(prefix, "ckpt")
+    publish.publish_dir(_stage(tmp_path, "one", {"a.bin": b"a1", "b.bin": b"b1"}), uri)
+    before = publish.resolve(uri)
+    real_put_file = s3fs.S3FileSystem._put_file
+    calls = []
+
+    async def flaky_put_file(self, lpath, rpath, *args, **kwargs):
+        calls.append(rpath)
+        if len(calls) == 2:  # the first file is uploaded, the second fails
+            raise OSError("connection reset")
+        return await real_put_file(self, lpath, rpath, *args, **kwargs)
+
+    monkeypatch.setattr(s3fs.S3FileSystem, "_put_file", flaky_put_file)
+    with pytest.raises(OSError, match="connection reset"):
+        publish.publish_dir(_stage(tmp_path, "two", {"a.bin": b"a2", "b.bin": b"b2"}), uri, overwrite=True)
+    assert len(calls) == 2
+    assert publish.resolve(uri) == before
+    assert [storage.read_bytes(storage.join(before, n)) for n in ("a.bin", "b.bin")] == [b"a1", b"b1"]
+    name = before.rsplit("/", 1)[-1]
+    assert _versions(s3.filesystem(), uri) == [name, f"{name}.done"]  # the failed upload removed itself
+
+
+def _s3_publisher(uri: str, tag: str, times: int, root: str) -> None:
+    for i in range(times):
+        stage = Path(root) / f"{tag}{i}"
+        for n in ("a.bin", "b.bin", "c.bin"):
+            (stage / n).parent.mkdir(parents=True, exist_ok=True)
+            (stage / n).write_bytes(tag.encode() * 100)
+        publish.publish_dir(stage, uri, overwrite=True)
+
+
+def test_concurrent_publishers_to_one_prefix_end_with_one_version(s3, prefix, tmp_path):
+    import multiprocessing
+
+    uri = storage.join(prefix, "ckpt")
+    ctx = multiprocessing.get_context("spawn")  # the environment carries the endpoint and credentials
+    writers = [ctx.Process(target=_s3_publisher, args=(uri, t, 6, str(tmp_path))) for t in "xyz"]
+    for w in writers:
+        w.start()
+    seen = set()
+    while any(w.is_alive() for w in writers):
+        # A reader that follows the pointer always finds a whole version (until it is superseded).
+        try:
+            current = publish.resolve(uri)
+            data = {storage.read_bytes(storage.join(current, n)) for n in ("a.bin", "b.bin", "c.bin")}
+        except FileNotFoundError:
+            continue
+        assert len(data) == 1, f"mixed or partial version at {current}"
+        seen |= data
+    assert [w.exitcode for w in writers] == [0, 0, 0]
+    current = publish.resolve(uri)
+    data = {storage.read_bytes(storage.join(current, n)) for n in ("a.bin", "b.bin", "c.bin")}
+    assert len(data) == 1 and data.pop() in {t.encode() * 100 for t in "xyz"}
+    name = current.rsplit("/", 1)[-1]
+    fs = s3.filesystem()
+    assert _versions(fs, uri) == [name, f"{name}.done"]  # every superseded version collected
+    root = prefix.removeprefix("s3://")
+    left = {p.removeprefix(root + "/") for p in fs.find(root)}
+    assert left == {
+        "ckpt/CURRENT",
+        *(f"ckpt/versions/{name}/{n}" for n in ("a.bin", "b.bin", "c.bin")),
+        f"ckpt/versions/{name}.done",
+    }
+    assert seen
 
 
 def test_overwrite_spares_prefix_siblings(s3, prefix, tmp_path):
-    storage.publish_dir(_stage(tmp_path, "a", {"f": b"a"}), storage.join(prefix, "run1"))
-    storage.publish_dir(_stage(tmp_path, "b", {"f": b"b"}), storage.join(prefix, "run10"))
-    storage.publish_dir(_stage(tmp_path, "c", {"f": b"c"}), storage.join(prefix, "run1"), overwrite=True)
-    assert storage.read_bytes(storage.join(prefix, "run10", "f")) == b"b"
-    assert storage.read_bytes(storage.join(prefix, "run1", "f")) == b"c"
+    publish.publish_dir(_stage(tmp_path, "a", {"f": b"a"}), storage.join(prefix, "run1"))
+    publish.publish_dir(_stage(tmp_path, "b", {"f": b"b"}), storage.join(prefix, "run10"))
+    publish.publish_dir(_stage(tmp_path, "c", {"f": b"c"}), storage.join(prefix, "run1"), overwrite=True)
+    assert storage.read_bytes(storage.join(publish.resolve(storage.join(prefix, "run10")), "f")) == b"b"
+    assert storage.read_bytes(storage.join(publish.resolve(storage.join(prefix, "run1")), "f")) == b"c"
 
 
 def test_pyarrow_filesystem_for_ray_train(s3, prefix):
@@ -118,3 +208,12 @@ def test_prompts_and_text_from_s3(prefix):
     assert read_text_source(storage.join(prefix, "heldout.txt")) == "Some English text."
     with pytest.raises(CompalignError, match="does not exist"):
         load_prompts(PromptSource(source=storage.join(prefix, "missing.jsonl")))
+
+
+def test_check_writable_on_s3(s3, prefix):
+    storage.check_writable(storage.join(prefix, "out"), "output.uri")  # the probe is written and removed
+    assert s3.filesystem().find(prefix.removeprefix("s3://")) == []
+    with pytest.raises(
+        CompalignError, match=r"cache.uri: cannot write to s3://no-such-bucket-x/c .*change cache.uri"
+    ):
+        storage.check_writable("s3://no-such-bucket-x/c", "cache.uri")

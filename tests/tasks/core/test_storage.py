@@ -6,23 +6,17 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tasks.core import storage
 from tasks.core.checkpoint import model_card, save_checkpoint
+from tasks.core.errors import CompalignError
 from tasks.directions.cache import cache_key, load_sums, store_sums
 from tasks.directions.collect import ActivationSums
 from tests.conftest import make_tiny
 
 
-def test_write_bytes_and_publish_dir_are_atomic(tmp_path):
+def test_write_bytes_is_atomic(tmp_path):
     target = tmp_path / "a" / "file.bin"
     storage.write_bytes(str(target), b"hello")
     assert target.read_bytes() == b"hello"
     assert [p.name for p in target.parent.iterdir()] == ["file.bin"]
-    stage = storage.staging_dir(str(tmp_path / "out"))
-    (stage / "x.txt").write_text("x")
-    assert not (tmp_path / "out").exists()  # nothing under the final name until published
-    storage.publish_dir(stage, str(tmp_path / "out"))
-    assert (tmp_path / "out" / "x.txt").read_text() == "x" and not stage.exists()
-    with pytest.raises(FileExistsError):
-        storage.publish_dir(storage.staging_dir(str(tmp_path / "out")), str(tmp_path / "out"))
 
 
 def test_checkpoint_round_trip_and_failed_save_leaves_nothing(tmp_path, tokenizer, monkeypatch):
@@ -65,3 +59,11 @@ def test_activation_cache_round_trip_and_keys(tmp_path):
     entry = next(tmp_path.rglob("*.safetensors"))
     entry.write_bytes(b"garbage")
     assert load_sums(str(tmp_path), key) is None  # a damaged entry is ignored, not fatal
+
+
+def test_check_writable_creates_nothing(tmp_path):
+    storage.check_writable(str(tmp_path / "deep" / "out"), "output.uri")
+    assert list(tmp_path.iterdir()) == []  # the probe went into the nearest existing folder and is gone
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(CompalignError, match="output.uri: cannot write to .* is a file, not a folder"):
+        storage.check_writable(str(tmp_path / "f" / "out"), "output.uri")
