@@ -80,7 +80,7 @@ def _publish_local(stage: Path, target: Path, overwrite: bool) -> str:
     target.parent.mkdir(parents=True, exist_ok=True)
     if not overwrite and target.exists():
         raise FileExistsError(f"{target} already exists")
-    if stage.parent.resolve() != target.parent.resolve() or not _same_device(stage, target.parent):
+    if not _same_device(stage, target.parent):  # a rename cannot cross filesystems
         near = target.with_name(f".{target.name}.partial-{uuid.uuid4().hex[:8]}")
         try:
             shutil.copytree(stage, near)
@@ -124,9 +124,12 @@ def _swap_in(stage: Path, target: Path, overwrite: bool) -> Path | None:
         try:
             os.rename(stage, target)
             return aside
-        except OSError:
-            # Another publisher got its version in first: ours goes in over it on the next attempt and
-            # the version we set aside is superseded either way.
+        except OSError as e:
+            if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                os.rename(aside, target)  # a real failure: the old version goes back in place
+                raise
+            # Another publisher's version went in first: the one we set aside is superseded by it, and
+            # ours goes in over it on the next attempt.
             shutil.rmtree(aside, ignore_errors=True)
     raise OSError(f"could not publish to {target}: {_SWAP_ATTEMPTS} concurrent swaps lost")
 

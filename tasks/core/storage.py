@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import fsspec
 
 from tasks.core.config import StorageConfig
+from tasks.core.errors import CompalignError
 
 if TYPE_CHECKING:
     import pyarrow.fs
@@ -120,8 +121,6 @@ def check_writable(uri: str, key: str) -> None:
     """Fail now, with one message naming the config ``key``, when nothing can be written at ``uri``: a
     probe file is written and deleted there (local: in the nearest existing folder, so that no folder is
     created for an output that may never come)."""
-    from tasks.core.errors import CompalignError
-
     probe_name = f".compalign-write-check-{uuid.uuid4().hex[:8]}"
     if is_remote(uri):
         probe = join(uri, probe_name)
