@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from flows import _tracking as tracking
 from tasks.core.config import RayConfig, Resources
-from tasks.core.errors import CompalignError
+from tasks.core.errors import CompalignError, keyed
 from tasks.core.prompts import load_prompts, over_refusal_prompts, read_text_source
 from tasks.runtime.pool import WorkerPool
 from tasks.sft.config import FinetuneConfig, FinetuneEvalConfig, filter_rules
@@ -68,7 +68,8 @@ def load_inputs(cfg: FinetuneConfig, spec) -> Inputs:
     direction = None
     if "direction" in rules:
         path = tracking.direction_source(cfg.filter.direction, cfg.mlflow, "filter.direction")
-        direction = load_refusal_direction(path, spec.hidden_size, spec.n_layers, cfg.filter.layer)
+        with keyed("filter.direction", cfg.filter.direction):
+            direction = load_refusal_direction(path, spec.hidden_size, spec.n_layers, cfg.filter.layer)
     prompts = _eval_prompts(cfg.eval) if cfg.eval.enabled else None
     return Inputs(precision, ds_config, load_conversations(cfg.data), rules, direction, prompts)
 

@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from flows import _tracking as tracking
 from tasks.core.config import MlflowConfig, RayConfig
+from tasks.core.redact import redact
 from tasks.runtime import cluster
 
 PARENT_RUN_ENV = "COMPALIGN_MLFLOW_PARENT_RUN"
@@ -53,7 +54,11 @@ class MultirunTracking(Callback):
         run = mlflow.MlflowClient().create_run(
             experiment.experiment_id,
             run_name=f"finetune-sweep-{Path(sweep_dir).name}",
-            tags={"flow": "finetune", "sweep_dir": sweep_dir, "sweep": " ".join(config.hydra.overrides.task)},
+            tags={
+                "flow": "finetune",
+                "sweep_dir": sweep_dir,
+                "sweep": redact(" ".join(config.hydra.overrides.task)),
+            },
         )
         self.parent = run.info.run_id
         os.environ[PARENT_RUN_ENV] = self.parent

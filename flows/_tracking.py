@@ -6,6 +6,7 @@ import importlib.metadata
 import json
 import logging
 import re
+import socket
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -14,7 +15,9 @@ from pathlib import Path
 
 import mlflow
 import pandas as pd
+import psutil
 import torch
+from mlflow.entities import RunStatus
 from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import save_file
@@ -22,6 +25,7 @@ from safetensors.torch import save_file
 from tasks.core import publish, storage
 from tasks.core.config import MlflowConfig
 from tasks.core.errors import CompalignError
+from tasks.core.redact import redact, redact_tree
 from tasks.evaluation.spec import EvalSpec
 
 log = logging.getLogger("compalign")
@@ -66,10 +70,64 @@ def _create_experiment(name: str, artifact_location: str) -> None:
 def run(
     cfg: MlflowConfig, run_name: str, nested: bool = False, tags: dict | None = None
 ) -> Iterator[mlflow.ActiveRun]:
-    """An MLflow run in the configured store and experiment; marked FAILED if the block raises."""
+    """An MLflow run in the configured store and experiment, tagged with its driver process: FINISHED when
+    the block ends, KILLED when it is interrupted, FAILED when it raises. Runs left RUNNING by a driver of
+    this machine that no longer exists are marked FAILED first (``mark_stale_runs``)."""
     configure(cfg)
-    with mlflow.start_run(run_name=cfg.run_name or run_name, nested=nested, tags=tags) as active:
+    mark_stale_runs(mlflow.get_experiment_by_name(cfg.experiment).experiment_id)
+    tags = {**redact_tree(tags or {}), **driver_tags()}
+    active = mlflow.start_run(run_name=cfg.run_name or run_name, nested=nested, tags=tags)
+    try:
         yield active
+    except KeyboardInterrupt:
+        mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
+        raise
+    except BaseException:
+        mlflow.end_run(RunStatus.to_string(RunStatus.FAILED))
+        raise
+    mlflow.end_run()
+
+
+def driver_tags() -> dict[str, str]:
+    """Which process drives the run: host, pid and the process's start time (a reused pid has another)."""
+    me = psutil.Process()
+    return {
+        "driver.host": socket.gethostname(),
+        "driver.pid": str(me.pid),
+        "driver.started": f"{me.create_time():.2f}",
+    }
+
+
+def mark_stale_runs(experiment_id: str) -> list[str]:
+    """Mark FAILED every RUNNING run of the experiment whose driver ran on this machine and is gone (a
+    killed driver never ends its run). Runs of other machines are left: their drivers may still be alive.
+    Returns the run ids marked."""
+    client = mlflow.MlflowClient()
+    host = socket.gethostname().replace("'", "")
+    running = client.search_runs(
+        [experiment_id], f"attributes.status = 'RUNNING' and tags.`driver.host` = '{host}'", max_results=1000
+    )
+    marked = []
+    for stale in running:
+        pid, started = stale.data.tags.get("driver.pid"), stale.data.tags.get("driver.started")
+        if pid is None or started is None or _alive(int(pid), started):
+            continue
+        client.set_tag(
+            stale.info.run_id, "failure", f"its driver (pid {pid} on {host}) ended without ending it"
+        )
+        client.set_terminated(stale.info.run_id, RunStatus.to_string(RunStatus.FAILED))
+        marked.append(stale.info.run_id)
+        log.warning("marked run %s FAILED: its driver (pid %s) is gone", stale.info.run_id, pid)
+    return marked
+
+
+def _alive(pid: int, started: str) -> bool:
+    try:
+        return f"{psutil.Process(pid).create_time():.2f}" == started
+    except (psutil.NoSuchProcess, psutil.ZombieProcess):
+        return False
+    except psutil.AccessDenied:  # another user's process: leave its run alone
+        return True
 
 
 def git_commit() -> str:
@@ -106,14 +164,15 @@ def _flatten(prefix: str, node, out: dict) -> None:
 
 
 def log_config(raw: DictConfig) -> None:
-    """The resolved config: every leaf as a param, the whole as config.yaml; plus git commit and versions."""
-    resolved = OmegaConf.to_container(raw, resolve=True)
+    """The resolved config, secrets masked: every leaf as a param, the whole as config.yaml; plus the git
+    commit and package versions."""
+    resolved = redact_tree(OmegaConf.to_container(raw, resolve=True))
     params: dict = {}
     _flatten("", resolved, params)
     items = list(params.items())
     for start in range(0, len(items), 100):  # MLflow takes at most 100 params per call
         mlflow.log_params(dict(items[start : start + 100]))
-    mlflow.log_text(OmegaConf.to_yaml(raw, resolve=True), "config.yaml")
+    mlflow.log_text(OmegaConf.to_yaml(OmegaConf.create(resolved)), "config.yaml")
     mlflow.set_tag("git_commit", git_commit())
     mlflow.log_dict(package_versions(), "environment/packages.json")
 
@@ -123,7 +182,7 @@ def log_run_inputs(raw: DictConfig, fingerprints: dict[str, str], identity: str,
     and ``tags`` as tags: what makes two runs comparable."""
     log_config(raw)
     mlflow.log_params({f"fingerprint.{k}": v for k, v in fingerprints.items()})
-    mlflow.set_tags({"model_identity": identity, **tags})
+    mlflow.set_tags(redact_tree({"model_identity": identity, **tags}))
 
 
 def log_direction(tensors: dict, metadata: dict[str, str], layer, position) -> None:
@@ -173,7 +232,7 @@ def log_checkpoint(mode: str, location: str) -> None:
     """Track a saved checkpoint as an artifact copy, or as a reference (tag + JSON), or not at all."""
     if mode == "none":
         return
-    mlflow.set_tag("checkpoint_uri", location)
+    mlflow.set_tag("checkpoint_uri", redact(location))
     if mode == "artifact" and storage.is_remote(location):
         with tempfile.TemporaryDirectory() as tmp:  # s3://...: its current version, through this machine
             fs, path = storage.filesystem(publish.resolve(location))
@@ -182,7 +241,7 @@ def log_checkpoint(mode: str, location: str) -> None:
     elif mode == "artifact":
         mlflow.log_artifacts(location, artifact_path="checkpoint")
     else:
-        mlflow.log_dict({"uri": location}, "checkpoint.json")
+        mlflow.log_dict({"uri": redact(location)}, "checkpoint.json")
 
 
 def store_location(cfg: MlflowConfig) -> str | None:
@@ -210,12 +269,13 @@ def check_outputs(cfg, extra: dict[str, str | None] | None = None) -> None:
 def ui_hint(cfg: MlflowConfig, run: mlflow.entities.RunInfo | None = None) -> str:
     """How to look at the run: its URL on a tracking server (the run's own page when ``run`` is given,
     e.g. ``active.info``), else the `mlflow ui` command for the local store."""
-    if cfg.tracking_uri.startswith(("http://", "https://")):
-        base = cfg.tracking_uri.rstrip("/")
+    uri = redact(cfg.tracking_uri)
+    if uri.startswith(("http://", "https://")):
+        base = uri.rstrip("/")
         if run is not None:
             return f"open {base}/#/experiments/{run.experiment_id}/runs/{run.run_id}"
         return f"open {base}"
-    return f"mlflow ui --backend-store-uri {cfg.tracking_uri}"
+    return f"mlflow ui --backend-store-uri {uri}"
 
 
 def log_child_run(name: str, params: dict, metrics: dict[str, float], tags: dict | None = None) -> str:
@@ -228,13 +288,13 @@ def log_child_run(name: str, params: dict, metrics: dict[str, float], tags: dict
     child = client.create_run(
         parent.info.experiment_id,
         run_name=name,
-        tags={"mlflow.parentRunId": parent.info.run_id, **(tags or {})},
+        tags={"mlflow.parentRunId": parent.info.run_id, **redact_tree(tags or {})},
     )
     run_id = child.info.run_id
     client.log_batch(
         run_id,
         metrics=_metric_list(metrics),
-        params=[Param(str(k), str(v)[:5000]) for k, v in params.items()],
+        params=[Param(str(k), str(v)[:5000]) for k, v in redact_tree(params).items()],
     )
     client.set_terminated(run_id)
     return run_id

@@ -46,7 +46,7 @@ from flows._steps import (
 )
 from tasks.core import storage
 from tasks.core.checkpoint import model_card, save_loaded
-from tasks.core.errors import CompalignError
+from tasks.core.errors import CompalignError, keyed
 from tasks.core.model import dtype_name, inspect_model
 from tasks.core.plots import score_heatmaps
 from tasks.core.progress import Progress
@@ -123,8 +123,9 @@ def given_direction(cfg: AbliterateConfig, spec) -> Found | None:
     if not cfg.direction.file:
         return None
     path = tracking.direction_source(cfg.direction.file, cfg.mlflow, "direction.file")
-    direction, metadata = load_direction(path, spec.hidden_size)
-    return Found.from_file(direction, metadata, load_layer_weights(path, spec.n_layers))
+    with keyed("direction.file", cfg.direction.file):
+        direction, metadata = load_direction(path, spec.hidden_size)
+        return Found.from_file(direction, metadata, load_layer_weights(path, spec.n_layers))
 
 
 def save(cfg: AbliterateConfig, pool: WorkerPool, editor: int, found: Found, run_id: str) -> str | None:

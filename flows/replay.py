@@ -30,6 +30,7 @@ from flows.abliterate import abliterate
 from flows.sweep import sweep
 from tasks.core.config import MlflowConfig
 from tasks.core.errors import CompalignError, ConfigError
+from tasks.core.redact import MASK
 from tasks.directions.config import AbliterateConfig
 from tasks.sweep.config import SweepConfig
 
@@ -102,6 +103,12 @@ def replay(cfg: ReplayConfig, raw: DictConfig) -> ReplayResult:
         OmegaConf.from_dotlist(list(cfg.overrides)),
         {"mlflow": {"tracking_uri": cfg.mlflow.tracking_uri, "run_name": f"replay-{cfg.run_id[:8]}"}},
     )
+    masked = masked_keys(OmegaConf.to_container(flow_raw))
+    if masked:
+        raise CompalignError(
+            f"run {cfg.run_id} was logged with secrets masked at {', '.join(masked)}; give them again: "
+            f"'overrides=[{masked[0]}=...]'"
+        )
     flow_cfg = to_config(flow_raw, schema)
 
     # 3. Run the flow again.
@@ -126,6 +133,15 @@ def replay(cfg: ReplayConfig, raw: DictConfig) -> ReplayResult:
     for line in report_lines(cfg.run_id, new_id, rows):
         log.info("%s", line)
     return ReplayResult(match, rows, new_id, cfg.run_id, flow, result)
+
+
+def masked_keys(node, prefix: str = "") -> list[str]:
+    """The dotted keys of a config tree whose values were masked by ``redact`` when it was logged."""
+    if isinstance(node, dict):
+        return [k for key, v in node.items() for k in masked_keys(v, f"{prefix}{key}.")]
+    if isinstance(node, list):
+        return [k for i, v in enumerate(node) for k in masked_keys(v, f"{prefix}{i}.")]
+    return [prefix.rstrip(".")] if isinstance(node, str) and MASK in node else []
 
 
 def _all_metrics(client: mlflow.MlflowClient, run) -> dict[str, float]:

@@ -108,6 +108,26 @@ def ray_local():
     ray.shutdown()
 
 
+def tiny_flow_overrides(model_dir: Path, work: Path) -> list[str]:
+    """abliterate on a tiny model in seconds: few prompts, no thresholds, 3 generated tokens; tracked in
+    ``work``."""
+    return [
+        f"model={model_dir}",
+        "data=french",
+        "data.target.limit=16",
+        "data.baseline.limit=16",
+        "score.screen_prompts=2",
+        "score.finalists=3",
+        "select.kl_limit=1e9",
+        "select.induce_min_gain=-1e9",
+        "select.min_behaviour=0",
+        "eval.max_new_tokens=3",
+        "eval.perplexity_tokens=64",
+        f"mlflow.tracking_uri=sqlite:///{work}/mlflow.db",
+        f"cache.uri={work}/cache",
+    ]
+
+
 def compose(config_name: str, overrides: list[str]):
     """The flow's Hydra config with overrides, as the entry point would see it."""
     from hydra import compose as hydra_compose

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from enum import Enum
 from typing import TypeVar
 
 E = TypeVar("E", bound=Enum)
+_NAMES_A_KEY = re.compile(r"[a-z_][a-z0-9_.]*(?:=|: | must )")  # "model=x: ...", "filter.layer must ..."
 
 
 class CompalignError(Exception):
@@ -36,3 +40,17 @@ def choice(kind: type[E], value: object, key: str) -> E:
         names = [str(m.value) for m in kind]
         listed = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
         raise ConfigError(f"{key} must be {listed}, got {value!r}") from None
+
+
+@contextmanager
+def keyed(key: str, value: object) -> Iterator[None]:
+    """Name the config key (and its value, unless the message shows it) in a CompalignError raised inside:
+    ``direction.file=/x/d.safetensors: direction has shape (100,) ...``."""
+    try:
+        yield
+    except CompalignError as exc:
+        message = str(exc)
+        if _NAMES_A_KEY.match(message):
+            raise
+        prefix = f"{key}: " if str(value) in message else f"{key}={value}: "
+        raise type(exc)(prefix + message) from exc.__cause__

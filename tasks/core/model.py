@@ -23,7 +23,7 @@ from torch import nn
 
 from tasks import DATA
 from tasks.core.config import PACKAGED_MODEL, PACKAGED_REFUSAL_MODEL, ModelOptions
-from tasks.core.errors import CompalignError
+from tasks.core.errors import CompalignError, keyed
 
 log = logging.getLogger(__name__)
 
@@ -218,14 +218,15 @@ def _locate(name: str, opts: ModelOptions) -> tuple[str, str]:
     path = Path(name).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
-            raise CompalignError(f"model file {path} does not exist")
+            raise CompalignError(f"model={name}: the file {path} does not exist")
         return str(convert_gguf(path, opts)), "gguf-sha256:" + file_sha256(path)
     if path.is_dir():
         return str(path), weights_identity(path)
     looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1  # hub ids are "org/name"
     if looks_local or path.exists():
         raise CompalignError(
-            f"model {name!r} is not a directory with a safetensors checkpoint or a .gguf file"
+            f"model={name} is not a directory with a safetensors checkpoint or a .gguf file; give one, a "
+            "Hugging Face hub id (org/name) or packaged:smollm2"
         )
     return name, _hub_identity(name, opts.revision)
 
@@ -238,7 +239,7 @@ def _hub_identity(repo_id: str, revision: str | None) -> str:
         folder = snapshot_download(repo_id, revision=revision, allow_patterns=["config.json"])
     except Exception as exc:  # the hub client raises many types for not found / offline
         raise CompalignError(
-            f"model {repo_id!r} is not a local directory and could not be reached on the Hugging Face hub "
+            f"model={repo_id} is not a local directory and could not be reached on the Hugging Face hub "
             f"({type(exc).__name__}); give a local path, a .gguf file or a cached hub id"
         ) from exc
     return f"hf:{repo_id}@{Path(folder).name}"
@@ -282,12 +283,13 @@ def inspect_model(name: str, opts: ModelOptions) -> ModelSpec:
     try:
         config = AutoConfig.from_pretrained(source, **common)
     except (OSError, ValueError) as exc:
-        raise CompalignError(f"cannot read the config of model {name!r}: {exc}") from exc
-    check_supported(config)
+        raise CompalignError(f"model={name}: cannot read its config: {exc}") from exc
+    with keyed("model", name):
+        check_supported(config)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **common)
     except (OSError, ValueError) as exc:
-        raise CompalignError(f"cannot load the tokenizer of model {name!r}: {exc}") from exc
+        raise CompalignError(f"model={name}: cannot load its tokenizer: {exc}") from exc
     prepare_tokenizer(tokenizer, opts.chat_template, name)
     return ModelSpec(name=name, path=source, identity=identity, config=config, tokenizer=tokenizer)
 
@@ -303,7 +305,7 @@ def load_model(name: str, opts: ModelOptions) -> LoadedModel:
     try:
         model = AutoModelForCausalLM.from_pretrained(spec.path, dtype=dtype, use_safetensors=True, **common)
     except (OSError, ValueError) as exc:
-        raise CompalignError(f"cannot load model {name!r}: {exc}") from exc
+        raise CompalignError(f"model={name}: cannot load its weights: {exc}") from exc
     model.to(device).eval()
     model.requires_grad_(False)
     return LoadedModel(
@@ -317,7 +319,7 @@ def prepare_tokenizer(tokenizer, chat_template: str | None, name: str) -> None:
         tokenizer.chat_template = chat_template
     if not getattr(tokenizer, "chat_template", None):
         raise CompalignError(
-            f"model {name!r} has no chat template: set model_options.chat_template to a Jinja template "
+            f"model={name} has no chat template: set model_options.chat_template to a Jinja template "
             "(e.g. the one of the model it was fine-tuned from)"
         )
     if tokenizer.pad_token is None:

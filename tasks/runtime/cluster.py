@@ -10,7 +10,9 @@ import json
 import logging
 import os
 import secrets
+import signal
 import socket
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,16 @@ from tasks.core.config import RayConfig
 from tasks.core.errors import CompalignError
 
 log = logging.getLogger(__name__)
+
+# What a Ray cluster raises when it loses a process or an object beyond what the pool's retries recover:
+# an expected failure on a cluster (OOM kills, preempted nodes), reported as one message, not a bug.
+LOST_CLUSTER_ERRORS = (
+    ray.exceptions.RayActorError,
+    ray.exceptions.WorkerCrashedError,
+    ray.exceptions.NodeDiedError,
+    ray.exceptions.ObjectLostError,
+    ray.exceptions.OutOfMemoryError,
+)
 
 # Environment that workers on a cluster need to see like the driver does (never credentials: those
 # come from the nodes' own environment or instance profile).
@@ -106,10 +118,15 @@ def init_ray(cfg: RayConfig) -> None:
         kwargs.update(
             num_cpus=cfg.num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port
         )
+    handler = signal.getsignal(signal.SIGTERM)
     try:
         ray.init(**kwargs)
     except ConnectionError as exc:
         raise CompalignError(f"cannot reach a Ray cluster at ray.address={cfg.address}: {exc}") from exc
+    if callable(handler) and threading.current_thread() is threading.main_thread():
+        # ray.init puts its failure handler on SIGTERM, which prints a stack and aborts the driver: give it
+        # back to the flow's handler, which ends the run as KILLED (flows/_common.py).
+        signal.signal(signal.SIGTERM, handler)
 
 
 def share(value: Any) -> Any:

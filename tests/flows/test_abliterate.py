@@ -24,7 +24,7 @@ from tasks.core.prompts import fingerprint, format_chat, load_prompts, split_pro
 from tasks.directions.config import AbliterateConfig
 from tasks.evaluation.evaluate import generate
 from tasks.evaluation.judges import LanguageJudge
-from tests.conftest import REPO, compose, make_tiny_judge
+from tests.conftest import REPO, compose, make_tiny_judge, tiny_flow_overrides
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -121,26 +121,8 @@ def test_french_run_is_tracked_and_saved(french_run, smollm2):
         assert (edited(ids).logits - hooked).abs().max() < 1e-3
 
 
-def _tiny_overrides(model_dir: Path, work: Path) -> list[str]:
-    return [
-        f"model={model_dir}",
-        "data=french",
-        "data.target.limit=16",
-        "data.baseline.limit=16",
-        "score.screen_prompts=2",
-        "score.finalists=3",
-        "select.kl_limit=1e9",
-        "select.induce_min_gain=-1e9",
-        "select.min_behaviour=0",
-        "eval.max_new_tokens=3",
-        "eval.perplexity_tokens=64",
-        f"mlflow.tracking_uri=sqlite:///{work}/mlflow.db",
-        f"cache.uri={work}/cache",
-    ]
-
-
 def test_tiny_model_search_then_given_direction(tiny_dirs, workdir):
-    first = run_flow(_tiny_overrides(tiny_dirs["mixtral"], workdir))
+    first = run_flow(tiny_flow_overrides(tiny_dirs["mixtral"], workdir))
     found = first.found
     assert found.source == "search" and found.table is not None
     assert found.table["stage"].tolist().count("full") == 3  # the screened finalists
@@ -149,7 +131,7 @@ def test_tiny_model_search_then_given_direction(tiny_dirs, workdir):
 
     second = run_flow(
         [
-            *_tiny_overrides(tiny_dirs["mixtral"], workdir),
+            *tiny_flow_overrides(tiny_dirs["mixtral"], workdir),
             f"direction.file={checkpoint}/direction.safetensors",
         ]
     )
@@ -162,7 +144,7 @@ def test_tiny_model_search_then_given_direction(tiny_dirs, workdir):
     # the direction by MLflow run id: the run's logged directions/chosen.safetensors
     third = run_flow(
         [
-            *_tiny_overrides(tiny_dirs["mixtral"], workdir),
+            *tiny_flow_overrides(tiny_dirs["mixtral"], workdir),
             f"direction.file={first.run_id}",
             "output.save=false",
             "eval.split=val",
@@ -177,7 +159,7 @@ def test_tiny_model_search_then_given_direction(tiny_dirs, workdir):
     # refine.given=true refines the given direction too: it moves, and the run says so
     fourth = run_flow(
         [
-            *_tiny_overrides(tiny_dirs["mixtral"], workdir),
+            *tiny_flow_overrides(tiny_dirs["mixtral"], workdir),
             f"direction.file={first.run_id}",
             "refine.given=true",
             "refine.steps=2",
@@ -222,7 +204,7 @@ def test_given_direction_with_sweep_kernels_follows_them(tiny_dirs, workdir):
     tensors = {"direction": direction, "attn_weights": attn, "mlp_weights": mlp}
     save_file(tensors, trial, {"layer": "1.5", "position": "-1", "embed_weight": "0.0"})
 
-    result = run_flow([*_tiny_overrides(model_dir, workdir), f"direction.file={trial}"])
+    result = run_flow([*tiny_flow_overrides(model_dir, workdir), f"direction.file={trial}"])
     found = result.found
     assert found.layer == 1.5 and found.position == -1 and found.weights is not None
     saved = load_file(Path(result.checkpoint) / "direction.safetensors")
@@ -242,7 +224,7 @@ def test_given_direction_with_sweep_kernels_follows_them(tiny_dirs, workdir):
     lopsided = workdir / "lopsided.safetensors"
     save_file({"direction": direction, "attn_weights": attn, "mlp_weights": torch.ones(layers + 1)}, lopsided)
     with pytest.raises(SystemExit):
-        run_flow([*_tiny_overrides(model_dir, workdir), f"direction.file={lopsided}"])
+        run_flow([*tiny_flow_overrides(model_dir, workdir), f"direction.file={lopsided}"])
 
 
 def test_refined_direction_is_removed_and_tracked(tiny_dirs, workdir, tokenizer):
@@ -263,7 +245,7 @@ def test_refined_direction_is_removed_and_tracked(tiny_dirs, workdir, tokenizer)
     judge = make_tiny_judge(workdir / "judge", tokenizer, ["en", "fr"], list(zip(fr, en, strict=True)))
     result = run_flow(
         [
-            *_tiny_overrides(model_dir, workdir),
+            *tiny_flow_overrides(model_dir, workdir),
             *validation,
             f"data.judge.second=hub:{judge}",
             "refine.steps=4",
@@ -311,7 +293,7 @@ def _bad(overrides: list[str], message: str, capsys_or_caplog, workdir: Path) ->
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["model=/no/such/model"], "is not a directory with a safetensors checkpoint"),
+        (["model=/no/such/model"], "model=/no/such/model is not a directory with a safetensors checkpoint"),
         (["collect.workers=100", "data=french"], "fewer than collect.workers=100"),
         (["select.layer_cutoff=1.5"], "select.layer_cutoff must be in (0, 1], got 1.5"),
         (["select.layer_cutoff=0"], "select.layer_cutoff must be in (0, 1], got 0"),
@@ -338,7 +320,7 @@ def test_bad_prompt_files_and_direction(tmp_path, caplog, workdir, tiny_dirs):
     save_file({"direction": torch.ones(100)}, tmp_path / "d.safetensors")
     _bad(
         [f"direction.file={tmp_path}/d.safetensors"],
-        "direction has shape (100,) but the model's hidden size is 576",
+        f"direction.file={tmp_path}/d.safetensors: direction has shape (100,) but the model's hidden size is 576",
         caplog,
         workdir,
     )
@@ -358,7 +340,7 @@ def test_unwritable_output_fails_before_any_worker(key, tmp_path, caplog, workdi
 
 
 def test_entry_point_exits_nonzero_with_one_message(tmp_path, tiny_dirs):
-    """The real command line: unsupported architecture and a model without a chat template."""
+    """The real command line: unsupported architecture, a model without a chat template, a bad value."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     gpt2 = tmp_path / "gpt2"
@@ -371,15 +353,21 @@ def test_entry_point_exits_nonzero_with_one_message(tmp_path, tiny_dirs):
     config = json.loads((no_template / "tokenizer_config.json").read_text())
     config.pop("chat_template", None)
     (no_template / "tokenizer_config.json").write_text(json.dumps(config))
-    for model, message in ((gpt2, "unsupported architecture 'gpt2'"), (no_template, "has no chat template")):
+    cases = (
+        (f"model={gpt2}", f"model={gpt2}: unsupported architecture 'gpt2'"),
+        (f"model={no_template}", f"model={no_template} has no chat template"),
+        ("collect.batch_size=0", "collect.batch_size must be > 0, got 0"),
+    )
+    for override, message in cases:
         proc = subprocess.run(
-            [sys.executable, "-m", "flows.abliterate", f"model={model}", f"mlflow.tracking_uri=sqlite:///{tmp_path}/m.db"],
+            [sys.executable, "-m", "flows.abliterate", override, f"mlflow.tracking_uri=sqlite:///{tmp_path}/m.db"],
             cwd=tmp_path, capture_output=True, text=True, env={**__import__("os").environ, "PYTHONPATH": str(REPO)},
         )  # fmt: skip
         assert proc.returncode == 2, proc.stderr[-2000:]
         output = proc.stdout + proc.stderr
         assert message in output and "Traceback" not in output
         assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "m.db").exists()
+        assert not (tmp_path / "outputs").exists()  # a failed invocation leaves no output folder
 
 
 def test_model_without_the_behaviour_stops_before_collecting(caplog, workdir):

@@ -102,3 +102,11 @@ def test_unknown_run_is_one_clear_error(multirun, caplog):
     with pytest.raises(SystemExit) as exit_info:
         run_entry(compose("replay", overrides), ReplayConfig, replay)
     assert exit_info.value.code == 2 and "no run '0123456789abcdef'" in caplog.text
+
+
+def test_masked_secrets_are_named_for_the_replay():
+    from flows.replay import masked_keys
+
+    logged = {"mlflow": {"tracking_uri": "http://***@host"}, "data": {"sources": ["a", "hf:x?token=***"]}}
+    assert masked_keys(logged) == ["mlflow.tracking_uri", "data.sources.1"]
+    assert masked_keys({"eval": {"max_new_tokens": 128}, "model": "org/name"}) == []
