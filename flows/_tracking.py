@@ -68,15 +68,24 @@ def _create_experiment(name: str, artifact_location: str) -> None:
 
 @contextmanager
 def run(
-    cfg: MlflowConfig, run_name: str, nested: bool = False, tags: dict | None = None
+    cfg: MlflowConfig,
+    run_name: str,
+    nested: bool = False,
+    tags: dict | None = None,
+    resume: str | None = None,
 ) -> Iterator[mlflow.ActiveRun]:
-    """An MLflow run in the configured store and experiment, tagged with its driver process: FINISHED when
-    the block ends, KILLED when it is interrupted, FAILED when it raises. Runs left RUNNING by a driver of
-    this machine that no longer exists are marked FAILED first (``mark_stale_runs``)."""
+    """An MLflow run in the configured store and experiment (``resume``: that existing run, continued),
+    tagged with its driver process: FINISHED when the block ends, KILLED when it is interrupted, FAILED when
+    it raises. Runs left RUNNING by a driver of this machine that no longer exists are marked FAILED first
+    (``mark_stale_runs``)."""
     configure(cfg)
     mark_stale_runs(mlflow.get_experiment_by_name(cfg.experiment).experiment_id)
     tags = {**redact_tree(tags or {}), **driver_tags()}
-    active = mlflow.start_run(run_name=cfg.run_name or run_name, nested=nested, tags=tags)
+    if resume is not None:
+        active = mlflow.start_run(run_id=resume, nested=nested)
+        mlflow.set_tags(tags)
+    else:
+        active = mlflow.start_run(run_name=cfg.run_name or run_name, nested=nested, tags=tags)
     try:
         yield active
     except KeyboardInterrupt:
@@ -121,6 +130,14 @@ def mark_stale_runs(experiment_id: str) -> list[str]:
     return marked
 
 
+def driver_alive(run) -> bool:
+    """Whether a RUNNING run's driver (by its tags) is a live process of this machine."""
+    tags = run.data.tags
+    if tags.get("driver.host") != socket.gethostname() or "driver.pid" not in tags:
+        return False
+    return _alive(int(tags["driver.pid"]), tags.get("driver.started", ""))
+
+
 def _alive(pid: int, started: str) -> bool:
     try:
         return f"{psutil.Process(pid).create_time():.2f}" == started
@@ -154,10 +171,10 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
-def _flatten(prefix: str, node, out: dict) -> None:
+def flatten(prefix: str, node, out: dict) -> None:
     if isinstance(node, dict):
         for key, value in node.items():
-            _flatten(f"{prefix}.{key}" if prefix else str(key), value, out)
+            flatten(f"{prefix}.{key}" if prefix else str(key), value, out)
     else:
         text = json.dumps(node) if isinstance(node, list | tuple) else str(node)
         out[prefix] = text[:5000]
@@ -168,7 +185,7 @@ def log_config(raw: DictConfig) -> None:
     commit and package versions."""
     resolved = redact_tree(OmegaConf.to_container(raw, resolve=True))
     params: dict = {}
-    _flatten("", resolved, params)
+    flatten("", resolved, params)
     items = list(params.items())
     for start in range(0, len(items), 100):  # MLflow takes at most 100 params per call
         mlflow.log_params(dict(items[start : start + 100]))

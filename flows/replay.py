@@ -102,6 +102,7 @@ def replay(cfg: ReplayConfig, raw: DictConfig) -> ReplayResult:
         OmegaConf.create(logged),
         OmegaConf.from_dotlist(list(cfg.overrides)),
         {"mlflow": {"tracking_uri": cfg.mlflow.tracking_uri, "run_name": f"replay-{cfg.run_id[:8]}"}},
+        {"resume": None} if flow == "sweep" else {},  # a replay runs every trial again, in a new run
     )
     masked = masked_keys(OmegaConf.to_container(flow_raw))
     if masked:

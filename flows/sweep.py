@@ -6,6 +6,7 @@ on 2 workers, MLflow store ./mlflow.db):
 
     python -m flows.sweep
     python -m flows.sweep search=grid sweep.layers=[4,8,12] sweep.interventions=[add] sweep.scales=[-0.5,-1,-2]
+    python -m flows.sweep resume=<run-id>     # an interrupted sweep, same command: only the rest runs
 
 On a Ray cluster (see cluster/README.md):
 
@@ -35,6 +36,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 from safetensors.torch import save
 
+from flows import _resume
 from flows import _tracking as tracking
 from flows._common import run_entry
 from flows._steps import collect_sums, concept_eval_spec, load_concept
@@ -48,7 +50,14 @@ from tasks.runtime.pool import WorkerPool
 from tasks.sweep.config import SearchConfig, SweepConfig
 from tasks.sweep.confirm import Confirmation, confirm_trial
 from tasks.sweep.front import finalists, pareto_plot, pick, trials_table
-from tasks.sweep.search import PoolTrialRunner, TrialRecord, dimensions, make_proposer, run_search
+from tasks.sweep.search import (
+    PoolTrialRunner,
+    ResumedRunner,
+    TrialRecord,
+    dimensions,
+    make_proposer,
+    run_search,
+)
 from tasks.sweep.trial import Trial, build_edit, export_trial
 from tasks.sweep.trials import TrialScore, install_references, prepare_trials
 
@@ -90,11 +99,19 @@ def sweep(cfg: SweepConfig, raw: DictConfig) -> SweepResult:
     proposer = make_proposer(cfg.search, dimensions(cfg.sweep, spec.n_layers, concept.positions))
     dtype = dtype_name(cfg.model_options)
     tracking.check_outputs(cfg)
+    done = (
+        _resume.journal(cfg.mlflow, cfg.resume, raw, concept.fingerprints, spec.identity)
+        if cfg.resume
+        else {}
+    )
 
-    with tracking.run(cfg.mlflow, f"sweep-{cfg.data.name}", tags={"flow": "sweep"}) as active:
-        tracking.log_run_inputs(
-            raw, concept.fingerprints, spec.identity, concept=cfg.data.name, search=cfg.search.kind
-        )
+    with tracking.run(
+        cfg.mlflow, f"sweep-{cfg.data.name}", tags={"flow": "sweep"}, resume=cfg.resume
+    ) as active:
+        if not cfg.resume:  # a resumed run has its inputs logged, and equal to these (_resume.journal)
+            tracking.log_run_inputs(
+                raw, concept.fingerprints, spec.identity, concept=cfg.data.name, search=cfg.search.kind
+            )
         pool = WorkerPool(cfg.model, cfg.model_options, cfg.pool, cfg.ray)
         try:
             # 2. Collect activation sums on the train split (from the cache when the inputs were seen).
@@ -107,7 +124,7 @@ def sweep(cfg: SweepConfig, raw: DictConfig) -> SweepResult:
             # 4. Every worker tokenizes the validation prompts and caches the unedited model's references.
             clean, threshold = prepare_references(pool, concept, cfg.search, candidates)
             # 5. Search: trials on the workers, at most search.parallel in flight, one nested run each.
-            records, children, timing = _search(cfg, proposer, pool, started)
+            records, children, timing = _search(cfg, proposer, pool, started, done)
             # 6. The Pareto front (table and plot) and the trial the pick rule chooses.
             best, table = _pick(cfg, records, clean, candidates)
             # 7. Confirm the finalists with generation on eval.split (bootstrap intervals, XSTest).
@@ -183,13 +200,21 @@ def _pick(
     return best, table
 
 
-def _search(cfg: SweepConfig, proposer, pool: WorkerPool, started: float):
-    children: dict[int, str] = {}
+def _search(cfg: SweepConfig, proposer, pool: WorkerPool, started: float, done: dict):
+    """5. The search; ``done``: the finished trials of the sweep being resumed (``_resume.journal``), taken
+    as they are (their nested runs kept) instead of run again."""
+    children = {number: child for number, (_, _, child) in done.items()}
+    runner = ResumedRunner(PoolTrialRunner(pool), {n: (p, _score(n, m)) for n, (p, m, _) in done.items()})
+    if done:
+        log.info("resume: %d trials finished before, taken from run %s's nested runs", len(done), cfg.resume)
     first: list[float] = []
     search_start = time.monotonic()
     with Progress(f"{cfg.search.kind} trials", proposer.total, "trials") as bar:
 
         def on_result(record: TrialRecord) -> None:
+            bar.update()
+            if record.trial.number in runner.resumed:
+                return
             if not first:
                 first.append(time.monotonic() - started)
             metrics = {**record.score.metrics(), "time.seconds": record.score.seconds}
@@ -199,9 +224,9 @@ def _search(cfg: SweepConfig, proposer, pool: WorkerPool, started: float):
                 metrics,
                 {"trial": str(record.trial.number)},
             )
-            bar.update()
+            log.debug("trial %d finished: %s", record.trial.number, record.score.metrics())
 
-        records = run_search(proposer, PoolTrialRunner(pool), cfg.search.parallel, on_result)
+        records = run_search(proposer, runner, cfg.search.parallel, on_result)
     seconds = time.monotonic() - search_start
     timing = {
         "search.trials": float(len(records)),
@@ -210,6 +235,12 @@ def _search(cfg: SweepConfig, proposer, pool: WorkerPool, started: float):
         "time.trials_per_hour": 3600 * len(records) / seconds if seconds > 0 else math.nan,
     }
     return records, children, timing
+
+
+def _score(number: int, metrics: dict[str, float]) -> TrialScore:
+    """A trial's score as its nested run logged it."""
+    names = ("behaviour_rate", "mean_log_odds", "kl", "baseline_rate")
+    return TrialScore(number, *(metrics[k] for k in names), seconds=metrics.get("time.seconds", 0.0))
 
 
 def _log_front(cfg: SweepConfig, table, clean, best: TrialRecord, within: bool, candidates) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
@@ -15,6 +16,7 @@ from tasks.core.errors import choice, require
 from tasks.sweep.trial import INTERVENTIONS
 
 log = logging.getLogger(__name__)
+RUN_ID = re.compile(r"[0-9a-f]{32}")
 
 
 class SearchKind(StrEnum):
@@ -206,9 +208,17 @@ class SweepConfig(ConceptRunConfig):
     confirm: ConfirmConfig = field(default_factory=ConfirmConfig)
     output: OutputConfig = field(default_factory=lambda: OutputConfig(save=False))
     """output.save=true orthogonalizes the picked trial into a checkpoint (ablate trials only)."""
+    resume: str | None = None
+    """MLflow run id of an interrupted sweep to continue, given with the same command: its finished trials
+    (its nested runs, the sweep's journal) are taken as they are and only the rest run, in the same run;
+    the trials, the front and the pick equal an uninterrupted sweep's."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        require(
+            self.resume is None or RUN_ID.fullmatch(self.resume) is not None,
+            f"resume must be an MLflow run id (32 hex digits), got {self.resume!r}",
+        )
         if self.collect.workers not in (CollectConfig.workers, self.search.parallel):
             log.warning(
                 "collect.workers=%d is not used by the sweep: its pool has search.parallel=%d workers",

@@ -209,6 +209,42 @@ class PoolTrialRunner:
         return handle.get()
 
 
+class ResumedRunner:
+    """A TrialRunner that takes the trials an interrupted sweep finished from its journal (trial number ->
+    (params as logged, score)) instead of running them, and runs the rest on ``runner``. The search asks the
+    same trials in the same order (seeded, told in trial order), so a finished trial is recognised by its
+    number; its params must match, or the config or code changed since."""
+
+    def __init__(self, runner: TrialRunner, journal: dict[int, tuple[dict[str, str], TrialScore]]) -> None:
+        self.runner, self.journal = runner, journal
+        self.resumed: set[int] = set()
+
+    def start(self, trial: Trial) -> object:
+        if trial.number not in self.journal:
+            return ("run", self.runner.start(trial))
+        logged, _ = self.journal[trial.number]
+        asked = {k: str(v) for k, v in trial.params().items()}
+        if asked != logged:
+            changed = sorted(k for k in asked.keys() | logged.keys() if asked.get(k) != logged.get(k))
+            raise CompalignError(
+                f"resume: trial {trial.number} of the interrupted sweep had {', '.join(changed)} = "
+                f"{[logged.get(k) for k in changed]}, this search asks {[asked.get(k) for k in changed]}: the "
+                "sweep's config or code changed since; start a new sweep"
+            )
+        self.resumed.add(trial.number)
+        return ("journal", trial.number)
+
+    def wait(self, handles: list) -> list:
+        ready = [h for h in handles if h[0] == "journal"]
+        if ready:
+            return ready
+        return [("run", h) for h in self.runner.wait([h for _, h in handles])]
+
+    def result(self, handle) -> TrialScore:
+        kind, inner = handle
+        return self.journal[inner][1] if kind == "journal" else self.runner.result(inner)
+
+
 @dataclass
 class TrialRecord:
     trial: Trial

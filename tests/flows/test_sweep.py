@@ -5,9 +5,15 @@ cache (a replay with the same inputs never collects, a changed prompt file misse
 from __future__ import annotations
 
 import json
+import logging
+import os
+import signal
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import mlflow
+import psutil
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
@@ -76,17 +82,19 @@ def _candidates(client: MlflowClient, run_id: str, dst: Path) -> dict[str, torch
     return load_file(path)
 
 
+GRID = [
+    "search=grid",
+    "search.parallel=2",
+    "sweep.layers=[1,2]",
+    "sweep.attn_falloff=[0.34,1.0]",
+    "confirm.finalists=1",
+    "output.save=true",
+]
+
+
 @pytest.fixture(scope="module")
 def grid_run(env):
-    overrides = [
-        "search=grid",
-        "search.parallel=2",
-        "sweep.layers=[1,2]",
-        "sweep.attn_falloff=[0.34,1.0]",
-        "confirm.finalists=1",
-        "output.save=true",
-        f"output.uri={env['work']}/exported",
-    ]
+    overrides = [*GRID, f"output.uri={env['work']}/exported"]
     if XSTEST.exists():
         overrides += [f"eval.xstest={XSTEST}", "eval.xstest_limit=3"]
     return run_sweep(env, overrides)
@@ -243,3 +251,111 @@ def test_bad_sweep_input_is_one_clear_error(env, caplog):
         with pytest.raises(SystemExit) as exit_info:
             run_sweep(env, overrides)
         assert exit_info.value.code == 2 and message in caplog.text
+
+
+class KillWorkerAfter(logging.Handler):
+    """SIGKILL one model worker (as the OOM killer or a lost node would) once ``trials`` trials finished."""
+
+    def __init__(self, trials: int) -> None:
+        super().__init__(logging.DEBUG)
+        self.trials, self.seen, self.killed = trials, 0, None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.getMessage().startswith("trial ") and " finished: " in record.getMessage():
+            self.seen += 1
+            if self.seen == self.trials:
+                workers = [
+                    p
+                    for p in psutil.process_iter(["cmdline"])
+                    if (p.info["cmdline"] or [""])[0].startswith("ray::ModelActor")
+                ]
+                self.killed = max(workers, key=lambda p: p.create_time()).pid
+                os.kill(self.killed, signal.SIGKILL)
+
+
+@contextmanager
+def watching(handler: logging.Handler):
+    """``handler`` on the sweep's logger, its trial lines (debug) included, for the block."""
+    logger = logging.getLogger("compalign.sweep")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    try:
+        yield handler
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+def test_sweep_survives_a_worker_killed_mid_search(env, grid_run, caplog):
+    """One of the two workers killed after the first trial: its trial in flight runs again elsewhere, the
+    worker comes back, and every trial's score and the front equal the undisturbed grid run's."""
+    overrides = [o for o in GRID if not o.startswith(("confirm.", "output."))] + ["confirm.finalists=0"]
+    with watching(KillWorkerAfter(trials=1)) as killer:
+        out = run_sweep(env, overrides)
+    assert killer.killed is not None and not psutil.pid_exists(killer.killed)
+    assert "run_trial lost worker" in caplog.text  # a trial was lost with it and ran again
+    assert [r.trial for r in out.records] == [r.trial for r in grid_run.records]
+    assert [r.score.metrics() for r in out.records] == [r.score.metrics() for r in grid_run.records]
+    cols = ["number", "behaviour_rate", "kl", "pareto", "picked"]
+    assert out.table[cols].equals(grid_run.table[cols])
+
+
+class InterruptAfter(logging.Handler):
+    """Ctrl-C for this process (a real SIGINT) once ``trials`` trials of the sweep have finished and been
+    logged, as a user would press it mid-search."""
+
+    def __init__(self, trials: int) -> None:
+        super().__init__(logging.DEBUG)
+        self.trials, self.seen, self.sent = trials, 0, False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.getMessage().startswith("trial ") and " finished: " in record.getMessage():
+            self.seen += 1
+            if self.seen == self.trials:
+                self.sent = True
+                os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_interrupted_sweep_resumed_gives_the_same_trials_and_front(env):
+    overrides = [o for o in TPE if not o.startswith("cache.uri")] + ["search.trials=10"]
+    since = int(time.time() * 1000)
+    with watching(InterruptAfter(trials=3)) as watcher, pytest.raises(SystemExit) as exit_info:
+        run_sweep(env, overrides)
+    assert watcher.sent and exit_info.value.code == 130
+    client = _client(env)
+    experiment = client.get_experiment_by_name("sweep-tests").experiment_id
+    query = f"attributes.status = 'KILLED' and tags.flow = 'sweep' and attributes.start_time >= {since}"
+    (killed,) = client.search_runs([experiment], query)
+    kept = [c for c in _children(client, killed.info.run_id) if c.info.status == "FINISHED"]
+    assert [int(c.data.tags["trial"]) for c in kept] == [0, 1, 2]
+
+    resumed = run_sweep(env, [*overrides, f"resume={killed.info.run_id}"])
+    whole = run_sweep(env, overrides)
+    assert resumed.run_id == killed.info.run_id  # the same run, continued
+    assert [r.trial for r in resumed.records] == [r.trial for r in whole.records]
+    assert [r.score.metrics() for r in resumed.records] == [r.score.metrics() for r in whole.records]
+    cols = ["number", "behaviour_rate", "kl", "pareto", "picked"]
+    assert resumed.table[cols].equals(whole.table[cols])
+    run = client.get_run(resumed.run_id)
+    assert run.info.status == "FINISHED"
+    children = _children(client, resumed.run_id)
+    assert [int(c.data.tags["trial"]) for c in children if c.info.status == "FINISHED"] == list(range(10))
+    assert {c.info.run_id for c in kept} <= {
+        c.info.run_id for c in children
+    }  # finished trials kept, not rerun
+
+    with pytest.raises(SystemExit) as exit_info:  # a finished sweep has nothing to resume
+        run_sweep(env, [*overrides, f"resume={resumed.run_id}"])
+    assert exit_info.value.code == 2
+
+
+def test_resume_refuses_another_config(env, caplog):
+    overrides = [o for o in TPE if not o.startswith("cache.uri")] + ["search.trials=2"]
+    client = _client(env)
+    first = run_sweep(env, overrides)
+    client.set_terminated(first.run_id, "KILLED")  # as if interrupted after its last trial
+    with pytest.raises(SystemExit) as exit_info:
+        run_sweep(env, [*overrides, "search.seed=4", f"resume={first.run_id}"])
+    assert exit_info.value.code == 2
+    assert f"resume={first.run_id}: this sweep differs from that one in search.seed (3 -> 4)" in caplog.text
