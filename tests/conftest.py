@@ -55,7 +55,14 @@ def tokenizer(packaged_dir):
 
 
 def tiny_config(kind: str, vocab: int):
-    from transformers import LlamaConfig, MixtralConfig, Qwen2Config, Qwen3MoeConfig
+    from transformers import (
+        LlamaConfig,
+        MixtralConfig,
+        Phi3Config,
+        Qwen2Config,
+        Qwen2MoeConfig,
+        Qwen3MoeConfig,
+    )
 
     common = dict(
         vocab_size=vocab, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
@@ -67,6 +74,15 @@ def tiny_config(kind: str, vocab: int):
         return MixtralConfig(intermediate_size=96, num_local_experts=4, num_experts_per_tok=2, **common)
     if kind == "qwen2":
         return Qwen2Config(intermediate_size=128, attention_bias=True, **common)
+    if kind == "llama_bias":  # biases on every projection, the attention output's and the MLP's included
+        return LlamaConfig(intermediate_size=128, attention_bias=True, mlp_bias=True, **common)
+    if kind == "qwen2_moe":  # routed experts plus a gated shared expert
+        return Qwen2MoeConfig(
+            intermediate_size=128, moe_intermediate_size=48, shared_expert_intermediate_size=64, num_experts=4,
+            num_experts_per_tok=2, **common,
+        )  # fmt: skip
+    if kind == "phi3":  # fused qkv_proj and gate_up_proj; down_proj writes
+        return Phi3Config(intermediate_size=128, pad_token_id=0, **common)
     if kind == "qwen3_moe":
         return Qwen3MoeConfig(
             intermediate_size=128, moe_intermediate_size=48, num_experts=4, num_experts_per_tok=2, **common
@@ -79,6 +95,10 @@ def make_tiny(kind: str, tokenizer, seed: int = 0):
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(kind, len(tokenizer)))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("bias"):  # initialised to zero, a bias would hide an edit that skips it
+                param.normal_(0.0, 0.5)
     return model.eval()
 
 

@@ -22,7 +22,9 @@ def _ids(vocab: int) -> torch.Tensor:
     return torch.randint(0, vocab, (3, 11), generator=torch.Generator().manual_seed(0))
 
 
-@pytest.mark.parametrize("kind", ["llama", "mixtral", "qwen2", "qwen3_moe"])
+@pytest.mark.parametrize(
+    "kind", ["llama", "llama_bias", "mixtral", "qwen2", "qwen2_moe", "qwen3_moe", "phi3"]
+)
 def test_orthogonalized_logits_equal_hook_ablation(kind, tokenizer):
     model = make_tiny(kind, tokenizer)
     r = _unit(model.config.hidden_size)
@@ -37,6 +39,21 @@ def test_orthogonalized_logits_equal_hook_ablation(kind, tokenizer):
     assert (hooked - baked).abs().max() < 1e-4
     assert (hooked - clean).abs().max() > 1e-2  # the ablation does something
     assert any("embed_tokens" in n for n in names) and any("o_proj" in n for n in names)
+    writes_bias = {"llama_bias": ["o_proj.bias", "down_proj.bias"], "qwen2": []}.get(kind, [])
+    for suffix in writes_bias:  # every residual-writing bias is edited (and this model's are not zero)
+        assert sum(n.endswith(suffix) for n in names) == model.config.num_hidden_layers, (suffix, names)
+    if kind == "qwen2_moe":  # the shared expert writes into the residual too
+        assert sum("shared_expert.down_proj" in n for n in names) == model.config.num_hidden_layers
+
+
+def test_residual_writing_biases_carry_no_component_along_the_direction(tokenizer):
+    model = make_tiny("llama_bias", tokenizer)
+    r = _unit(model.config.hidden_size)
+    biases = [w for w in residual_writers(model) if w.name.endswith("bias")]
+    assert len(biases) == 2 * model.config.num_hidden_layers
+    assert all(abs(float(r @ w.param)) > 1e-3 for w in biases)  # random, not zero
+    orthogonalize_weights(model, r)
+    assert all(abs(float(r @ w.param)) < 1e-5 for w in biases)
 
 
 def test_every_expert_is_edited(tokenizer):
