@@ -49,7 +49,8 @@ from tasks.runtime import cluster
 from tasks.runtime.pool import WorkerPool
 from tasks.sweep.config import SearchConfig, SweepConfig
 from tasks.sweep.confirm import Confirmation, confirm_trial
-from tasks.sweep.front import finalists, pareto_plot, pick, trials_table
+from tasks.sweep.front import finalists, pick, trials_table
+from tasks.sweep.plot import pareto_plot
 from tasks.sweep.search import (
     PoolTrialRunner,
     ResumedRunner,

@@ -34,3 +34,39 @@ def test_behaviour_log_odds_of_the_token_mass():
     logits = torch.log(torch.tensor([[0.7, 0.2, 0.1]]))
     assert float(behaviour_log_odds(logits, [1, 2])) == pytest.approx(math.log(0.3 / 0.7), rel=1e-5)
     assert float(behaviour_log_odds(logits, [0])) == pytest.approx(math.log(0.7 / 0.3), rel=1e-5)
+
+
+def test_log_odds_stay_finite_when_all_mass_is_on_the_behaviour():
+    logits = torch.tensor([[30.0, -30.0, -30.0], [-30.0, 0.0, 0.0]])
+    odds = behaviour_log_odds(logits, [0])
+    assert torch.isfinite(odds).all()
+    assert float(odds[0]) == pytest.approx(-math.log(1e-7), rel=1e-3)  # capped at p = 1 - 1e-7
+    assert float(odds[1]) < -29
+
+
+def test_kl_mask_keeps_prompts_without_the_behaviour_and_warns_when_none_are_left(caplog):
+    from tasks.core.contrast import kl_mask
+
+    clean = torch.tensor([[5.0, 0.0, 0.0], [0.0, 5.0, 0.0], [0.0, 0.0, 5.0]])  # greedy tokens 0, 1, 2
+    assert kl_mask(clean, [0], "without_behaviour").tolist() == [False, True, True]
+    assert kl_mask(clean, [0], "all").tolist() == [True, True, True]
+    assert not caplog.records
+    assert kl_mask(clean, [0, 1, 2], "without_behaviour").tolist() == [True, True, True]
+    assert "every baseline prompt shows the behaviour unedited" in caplog.text
+
+
+def test_behaviour_token_ids_take_each_first_token_once(tokenizer, caplog):
+    from tasks.core.contrast import behaviour_token_ids
+    from tasks.core.errors import CompalignError
+
+    ids = behaviour_token_ids(tokenizer, ["I", "I", " Sorry"])
+    assert ids == [
+        tokenizer("I", add_special_tokens=False).input_ids[0],
+        tokenizer(" Sorry", add_special_tokens=False).input_ids[0],
+    ]
+    long = "Unfortunately"
+    first = tokenizer(long, add_special_tokens=False).input_ids
+    assert behaviour_token_ids(tokenizer, [long]) == first[:1]
+    assert (len(first) > 1) == (f"score token {long!r} is {len(first)} tokens" in caplog.text)
+    with pytest.raises(CompalignError, match="^score token '' encodes to no tokens$"):
+        behaviour_token_ids(tokenizer, [""])

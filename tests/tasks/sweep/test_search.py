@@ -8,7 +8,8 @@ import pytest
 
 from tasks.core.errors import CompalignError, ConfigError
 from tasks.sweep.config import PickConfig, SearchConfig, SweepSpace
-from tasks.sweep.front import finalists, pareto_mask, pareto_plot, pick, trials_table
+from tasks.sweep.front import finalists, pareto_mask, pick, trials_table
+from tasks.sweep.plot import pareto_plot
 from tasks.sweep.search import (
     GridProposer,
     LocalRunner,
@@ -193,3 +194,39 @@ def test_config_checks_name_the_key():
     with pytest.raises(ConfigError, match="pick.rule"):
         PickConfig(rule="best")
     assert math.isinf(Trial(0, 1.0, -1).attn.falloff)
+
+
+def test_a_tie_on_one_objective_is_dominated_by_the_better_other():
+    # equal KL, lower rate dominates; equal rate, lower KL dominates; equal points both stay
+    assert pareto_mask([(0.1, 0.5), (0.2, 0.5)]) == [True, False]
+    assert pareto_mask([(0.2, 0.4), (0.2, 0.5)]) == [True, False]
+    assert pareto_mask([(0.2, 0.5), (0.2, 0.5)]) == [True, True]
+    assert pareto_mask([(0.3, 0.1), (0.1, 0.3)]) == [True, True]
+
+
+def test_pick_limits_are_inclusive_and_the_fallback_is_reported():
+    recs = [_record(0, 0.5, 0.2), _record(1, 0.2, 0.3), _record(2, 0.1, 0.6)]
+    assert pick(recs, PickConfig(rule="lowest_rate", max_kl=0.3)) == (recs[1], True)  # kl == max_kl is within
+    assert pick(recs, PickConfig(rule="lowest_kl", max_rate=0.2)) == (recs[1], True)  # rate == max_rate too
+    assert pick(recs, PickConfig(rule="lowest_rate", max_kl=0.1)) == (
+        recs[0],
+        False,
+    )  # none within: lowest KL
+    assert pick(recs, PickConfig(rule="lowest_kl", max_rate=0.05)) == (recs[2], False)  # none: lowest rate
+    with pytest.raises(CompalignError, match="^no trial finished; nothing to pick$"):
+        pick([], PickConfig())
+
+
+def test_finalists_include_a_picked_trial_off_the_front():
+    recs = [_record(0, 0.0, 0.5), _record(1, 0.5, 0.0), _record(2, 0.6, 0.6)]  # 2 is dominated
+    assert [r.trial.number for r in finalists(recs, recs[2], 3)] == [2, 1, 0]
+    assert [r.trial.number for r in finalists(recs, recs[0], 5)] == [0, 1]
+
+
+def test_trials_table_columns_and_order():
+    recs = [_record(0, 0.9, 0.01), _record(1, 0.3, 0.05), _record(2, 0.95, 0.5), _record(3, 0.3, 0.02)]
+    table = trials_table(recs, picked=3)
+    assert list(table["number"]) == [3, 0, 1, 2]  # the front by rate, then the rest in trial order
+    assert list(table.index) == [0, 1, 2, 3] and "index" not in table.columns
+    assert table.columns[0] == "number" and list(table.columns[-2:]) == ["pareto", "picked"]
+    assert list(table["picked"]) == [True, False, False, False]
