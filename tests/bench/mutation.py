@@ -3,7 +3,7 @@
 Run by hand, not in CI:
 
     pip install mutmut==3.8.1
-    python tests/bench/mutation.py                       # every module below, ~15 min on 2 cores
+    python tests/bench/mutation.py                       # every module below, ~20 min on 2 cores
     python tests/bench/mutation.py tasks/core/contrast.py  # one module
 
 It copies the tracked files into a temporary folder (mutmut writes its mutants/ there, never here), runs
@@ -31,8 +31,9 @@ MODULES = {
     "tasks/directions/candidates.py": ["tests/tasks/directions/test_candidates.py"],
     "tasks/directions/orthogonalize.py": ["tests/tasks/directions/test_orthogonalize.py"],
     "tasks/sweep/front.py": ["tests/tasks/sweep/test_search.py"],
-    "tasks/core/storage.py": ["tests/tasks/core/test_storage.py"],
-    "tasks/core/publish.py": ["tests/tasks/core/test_publish.py"],
+    # S3 paths against a moto server on loopback (started per mutant: the slowest part of the run)
+    "tasks/core/storage.py": ["tests/tasks/core/test_storage.py", "tests/integrations/test_storage_s3.py"],
+    "tasks/core/publish.py": ["tests/tasks/core/test_publish.py", "tests/integrations/test_storage_s3.py"],
 }
 # The slow ones (a real model, 90 concurrent publishes) are left to the full suite.
 DESELECT = "not smollm2 and not concurrent and not gpu"

@@ -3,6 +3,7 @@ swapped, or a log-odds off by the complement, gives other numbers."""
 
 from __future__ import annotations
 
+import logging
 import math
 
 import pytest
@@ -52,21 +53,49 @@ def test_kl_mask_keeps_prompts_without_the_behaviour_and_warns_when_none_are_lef
     assert kl_mask(clean, [0], "all").tolist() == [True, True, True]
     assert not caplog.records
     assert kl_mask(clean, [0, 1, 2], "without_behaviour").tolist() == [True, True, True]
-    assert "every baseline prompt shows the behaviour unedited" in caplog.text
+    assert [r.getMessage() for r in caplog.records] == [
+        "every baseline prompt shows the behaviour unedited: the KL is taken over all of them"
+    ]
 
 
 def test_behaviour_token_ids_take_each_first_token_once(tokenizer, caplog):
     from tasks.core.contrast import behaviour_token_ids
     from tasks.core.errors import CompalignError
 
-    ids = behaviour_token_ids(tokenizer, ["I", "I", " Sorry"])
+    caplog.set_level(logging.INFO, "tasks.core.contrast")
+    ids = behaviour_token_ids(tokenizer, ["I", "I", " I"])
     assert ids == [
         tokenizer("I", add_special_tokens=False).input_ids[0],
-        tokenizer(" Sorry", add_special_tokens=False).input_ids[0],
+        tokenizer(" I", add_special_tokens=False).input_ids[0],
     ]
-    long = "Unfortunately"
+    assert "tokens; only its first" not in caplog.text  # one token each: nothing to say
+    long = " Malheureusement"
     first = tokenizer(long, add_special_tokens=False).input_ids
-    assert behaviour_token_ids(tokenizer, [long]) == first[:1]
-    assert (len(first) > 1) == (f"score token {long!r} is {len(first)} tokens" in caplog.text)
+    assert len(first) > 2 and behaviour_token_ids(tokenizer, [long]) == first[:1]
+    head = tokenizer.decode(first[:1])
+    assert (
+        caplog.records[-1].getMessage()
+        == f"score token {long!r} is {len(first)} tokens; only its first, {head!r}, is scored"
+    )
     with pytest.raises(CompalignError, match="^score token '' encodes to no tokens$"):
         behaviour_token_ids(tokenizer, [""])
+
+
+def test_contrast_prompts_batch_by_length_and_index_each_list(tokenizer):
+    from tasks.core.contrast import ContrastPrompts
+    from tasks.core.errors import CompalignError
+
+    target, baseline = ["Hi", "Tell me a long story about a dragon and a knight"], ["What is two plus two?"]
+    prompts = ContrastPrompts(tokenizer, target, baseline, torch.device("cpu"), "scoring")
+    order = prompts.by_length()
+    assert [len(prompts.rest[i]) for i in order] == sorted(len(r) for r in prompts.rest) and order[0] == 0
+    batches = prompts.batches(2)
+    assert [b.ids.shape[0] for b in batches] == [2, 1]
+    rows = [(bool(t), int(i)) for b in batches for t, i in zip(b.is_target, b.index, strict=True)]
+    assert sorted(rows) == [(False, 0), (True, 0), (True, 1)]  # each row's place in its own list
+    assert all(b.ids.device.type == "cpu" for b in batches)
+    for empty in (([], baseline), (target, [])):
+        with pytest.raises(
+            CompalignError, match="^scoring needs at least one target and one baseline validation prompt$"
+        ):
+            ContrastPrompts(tokenizer, *empty, torch.device("cpu"), "scoring")

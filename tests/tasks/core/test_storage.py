@@ -1,11 +1,15 @@
 """Atomic local writes, checkpoints that reload identically, and the activation cache."""
 
+import os
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tasks.core import storage
 from tasks.core.checkpoint import model_card, save_checkpoint
+from tasks.core.config import StorageConfig
 from tasks.core.errors import CompalignError
 from tasks.directions.cache import cache_key, load_sums, store_sums
 from tasks.directions.collect import ActivationSums
@@ -67,3 +71,77 @@ def test_check_writable_creates_nothing(tmp_path):
     (tmp_path / "f").write_text("x")
     with pytest.raises(CompalignError, match="output.uri: cannot write to .* is a file, not a folder"):
         storage.check_writable(str(tmp_path / "f" / "out"), "output.uri")
+
+
+def test_paths_and_urls():
+    assert storage.is_remote("s3://b/k") and storage.is_remote("gs://b/k")
+    assert not storage.is_remote("/tmp/x") and not storage.is_remote("file:///tmp/x")
+    assert (
+        storage.local_path("file:///tmp/x") == Path("/tmp/x")
+        and storage.local_path("~/x") == Path.home() / "x"
+    )
+    assert storage.absolute("s3://b/k") == "s3://b/k" and storage.absolute("rel") == str(Path.cwd() / "rel")
+    assert storage.join("s3://b/k/", "a", "b") == "s3://b/k/a/b" and storage.join("/t", "a", "b") == "/t/a/b"
+    fs, path = storage.filesystem("file:///tmp/x")
+    assert fs.protocol[0] == "file" and path == "/tmp/x"
+    assert storage.pyarrow_filesystem("rel/x") == (None, str((Path.cwd() / "rel/x").resolve()))
+
+
+def test_s3_options_come_from_the_environment_never_credentials(monkeypatch):
+    for name in ("AWS_ENDPOINT_URL", "AWS_REGION"):
+        monkeypatch.delenv(name, raising=False)
+    for name in ("AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION"):  # what configure sets: restored after the test
+        monkeypatch.setenv(name, "")
+    assert storage._s3_options() == {"use_listings_cache": False}
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("AWS_REGION", "eu-west-1")
+    assert storage._s3_options() == {
+        "use_listings_cache": False, "endpoint_url": "http://127.0.0.1:9", "client_kwargs": {"region_name": "eu-west-1"},
+    }  # fmt: skip
+    storage.configure(StorageConfig(s3_endpoint_url="http://127.0.0.1:8", s3_region="us-east-2"))
+    options = storage._s3_options()  # the config's own endpoint and region win
+    assert (
+        options["endpoint_url"] == "http://127.0.0.1:8"
+        and options["client_kwargs"]["region_name"] == "us-east-2"
+    )
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "planted")
+    assert "planted" not in repr(storage._s3_options())
+
+
+def test_exists_and_read_back(tmp_path):
+    target = str(tmp_path / "x.bin")
+    assert not storage.exists(target)
+    storage.write_bytes(target, b"abc")
+    assert storage.exists(target) and storage.read_bytes(target) == b"abc"
+    storage.write_bytes(target, b"d")  # replaced whole
+    assert storage.read_bytes(target) == b"d" and sorted(p.name for p in tmp_path.iterdir()) == ["x.bin"]
+
+
+def test_failed_write_leaves_neither_file_nor_temporary(tmp_path):
+    target = tmp_path / "out" / "x.bin"
+    with pytest.raises(TypeError):
+        storage.write_bytes(str(target), "not bytes")
+    assert list(target.parent.iterdir()) == []
+
+
+def test_check_outputs_checks_each_used_location(tmp_path):
+    (tmp_path / "f").write_text("x")
+    storage.check_outputs({"cache.uri": None, "output.uri": str(tmp_path / "ok")})  # None: not used
+    with pytest.raises(
+        CompalignError,
+        match=r"^cache\.uri: cannot write to .*/f/c: .*/f is a file, not a folder; change cache\.uri$",
+    ):
+        storage.check_outputs({"output.uri": str(tmp_path / "ok"), "cache.uri": str(tmp_path / "f" / "c")})
+    read_only = tmp_path / "ro"
+    read_only.mkdir()
+    read_only.chmod(0o500)
+    try:
+        if os.access(read_only, os.W_OK):  # root writes anywhere: a folder that is a full device instead
+            pytest.skip("running as root: permissions do not stop writes")
+        with pytest.raises(
+            CompalignError,
+            match=r"^output\.uri: cannot write to .* \(PermissionError: .*; change output\.uri or its permissions$",
+        ):
+            storage.check_writable(str(read_only / "x"), "output.uri")
+    finally:
+        read_only.chmod(0o700)
