@@ -8,6 +8,7 @@ import logging
 import shutil
 import signal
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
@@ -15,6 +16,7 @@ from typing import TypeVar
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
+from flows import _tracking as tracking
 from tasks.core.errors import CompalignError
 from tasks.core.logs import quiet_libraries
 from tasks.core.redact import redact_logs
@@ -46,18 +48,20 @@ def to_config(raw: DictConfig, schema: type[T]) -> T:
 def run_entry(raw: DictConfig, schema: type[T], body: Callable[[T, DictConfig], object]) -> object:
     """Build the typed config and run ``body``. Expected failures end the process with one message: bad
     input, storage errors and lost workers with exit 2, SIGINT with 130 and SIGTERM with 143. An
-    invocation that fails on bad input leaves no output folder; any other keeps only its log there."""
+    invocation that fails before it records a run leaves no output folder; any other keeps its log there."""
     quiet_libraries()
     redact_logs()
-    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    runs_before = len(tracking.started_runs)
+    main_thread = threading.current_thread() is threading.main_thread()  # only it may take signals
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if main_thread else None
     try:
         cfg = to_config(raw, schema)
         if "model" in raw and raw.model != getattr(cfg, "model", raw.model):
             with open_dict(raw):  # record the model a null resolved to (data.model), in MLflow and replays
                 raw.model = cfg.model
         return body(cfg, raw)
-    except CompalignError as exc:
-        _fail(f"{exc}", EXIT_BAD_INPUT, keep_folder=False)
+    except CompalignError as exc:  # before any run was recorded: bad input, nothing to keep
+        _fail(f"{exc}", EXIT_BAD_INPUT, keep_folder=len(tracking.started_runs) > runs_before)
     except OSError as exc:  # storage: permissions, a full disk, an unreachable bucket (here or in a worker)
         cause = getattr(exc, "cause", None) or exc  # a worker's error arrives wrapped in a RayTaskError
         _fail(f"storage error: {type(cause).__name__}: {cause}{TRACEBACK_HINT}", EXIT_BAD_INPUT)
@@ -68,7 +72,8 @@ def run_entry(raw: DictConfig, schema: type[T], body: Callable[[T, DictConfig], 
         code = 128 + (signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT)
         _fail(f"interrupted ({'SIGTERM' if code == 143 else 'Ctrl-C'}); the run is marked KILLED", code)
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _raise_terminated(signum, frame) -> None:

@@ -30,6 +30,8 @@ from tasks.evaluation.spec import EvalSpec
 
 log = logging.getLogger("compalign")
 RUN_ID = re.compile(r"[0-9a-f]{32}")
+started_runs: list[str] = []
+"""Every run this process started or resumed (an entry point that fails before any keeps no folder)."""
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 TRACKED_PACKAGES = (
     "compalign", "torch", "transformers", "accelerate", "ray", "mlflow", "hydra-core", "optuna",
@@ -86,6 +88,7 @@ def run(
         mlflow.set_tags(tags)
     else:
         active = mlflow.start_run(run_name=cfg.run_name or run_name, nested=nested, tags=tags)
+    started_runs.append(active.info.run_id)
     try:
         yield active
     except KeyboardInterrupt:

@@ -253,24 +253,44 @@ def test_bad_sweep_input_is_one_clear_error(env, caplog):
         assert exit_info.value.code == 2 and message in caplog.text
 
 
-class KillWorkerAfter(logging.Handler):
-    """SIGKILL one model worker (as the OOM killer or a lost node would) once ``trials`` trials finished."""
+class AfterTrials(logging.Handler):
+    """Acts once ``trials`` trials of the sweep have finished and been logged (its debug lines)."""
 
     def __init__(self, trials: int) -> None:
         super().__init__(logging.DEBUG)
-        self.trials, self.seen, self.killed = trials, 0, None
+        self.trials, self.seen, self.done = trials, 0, False
 
     def emit(self, record: logging.LogRecord) -> None:
         if record.getMessage().startswith("trial ") and " finished: " in record.getMessage():
             self.seen += 1
             if self.seen == self.trials:
-                workers = [
-                    p
-                    for p in psutil.process_iter(["cmdline"])
-                    if (p.info["cmdline"] or [""])[0].startswith("ray::ModelActor")
-                ]
-                self.killed = max(workers, key=lambda p: p.create_time()).pid
-                os.kill(self.killed, signal.SIGKILL)
+                self.act()
+                self.done = True
+
+    def act(self) -> None:
+        raise NotImplementedError
+
+
+class KillWorker(AfterTrials):
+    """SIGKILL the newest model worker, as the OOM killer or a lost node would."""
+
+    killed: int | None = None
+
+    def act(self) -> None:
+        actors = [
+            p
+            for p in psutil.process_iter(["cmdline"])
+            if (p.info["cmdline"] or [""])[0].startswith("ray::ModelActor")
+        ]
+        self.killed = max(actors, key=lambda p: p.create_time()).pid
+        os.kill(self.killed, signal.SIGKILL)
+
+
+class Interrupt(AfterTrials):
+    """Ctrl-C for this process (a real SIGINT), as a user would press it mid-search."""
+
+    def act(self) -> None:
+        os.kill(os.getpid(), signal.SIGINT)
 
 
 @contextmanager
@@ -291,7 +311,7 @@ def test_sweep_survives_a_worker_killed_mid_search(env, grid_run, caplog):
     """One of the two workers killed after the first trial: its trial in flight runs again elsewhere, the
     worker comes back, and every trial's score and the front equal the undisturbed grid run's."""
     overrides = [o for o in GRID if not o.startswith(("confirm.", "output."))] + ["confirm.finalists=0"]
-    with watching(KillWorkerAfter(trials=1)) as killer:
+    with watching(KillWorker(trials=1)) as killer:
         out = run_sweep(env, overrides)
     assert killer.killed is not None and not psutil.pid_exists(killer.killed)
     assert "run_trial lost worker" in caplog.text  # a trial was lost with it and ran again
@@ -301,28 +321,12 @@ def test_sweep_survives_a_worker_killed_mid_search(env, grid_run, caplog):
     assert out.table[cols].equals(grid_run.table[cols])
 
 
-class InterruptAfter(logging.Handler):
-    """Ctrl-C for this process (a real SIGINT) once ``trials`` trials of the sweep have finished and been
-    logged, as a user would press it mid-search."""
-
-    def __init__(self, trials: int) -> None:
-        super().__init__(logging.DEBUG)
-        self.trials, self.seen, self.sent = trials, 0, False
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if record.getMessage().startswith("trial ") and " finished: " in record.getMessage():
-            self.seen += 1
-            if self.seen == self.trials:
-                self.sent = True
-                os.kill(os.getpid(), signal.SIGINT)
-
-
 def test_interrupted_sweep_resumed_gives_the_same_trials_and_front(env):
     overrides = [o for o in TPE if not o.startswith("cache.uri")] + ["search.trials=10"]
     since = int(time.time() * 1000)
-    with watching(InterruptAfter(trials=3)) as watcher, pytest.raises(SystemExit) as exit_info:
+    with watching(Interrupt(trials=3)) as watcher, pytest.raises(SystemExit) as exit_info:
         run_sweep(env, overrides)
-    assert watcher.sent and exit_info.value.code == 130
+    assert watcher.done and exit_info.value.code == 130
     client = _client(env)
     experiment = client.get_experiment_by_name("sweep-tests").experiment_id
     query = f"attributes.status = 'KILLED' and tags.flow = 'sweep' and attributes.start_time >= {since}"

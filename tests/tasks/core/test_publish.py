@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -137,3 +139,83 @@ def test_failed_write_or_swap_keeps_the_old_version(tmp_path, monkeypatch):
 def test_resolve_of_a_local_path_is_itself(tmp_path):
     assert publish.resolve(str(tmp_path / "x")) == str(tmp_path / "x")
     assert storage.is_remote("s3://b/x") and not storage.is_remote(str(tmp_path))
+
+
+@pytest.fixture(params=[True, False], ids=["renameat2-exchange", "rename-aside"])
+def swap_mode(request, tmp_path, monkeypatch):
+    """Both ways of swapping a version in: the atomic exchange (where this filesystem has it) and the
+    fallback that renames the old one aside."""
+    if request.param and not publish._exchange(tmp_path, tmp_path):
+        pytest.skip("this filesystem has no renameat2(RENAME_EXCHANGE)")
+    monkeypatch.setattr(publish, "_exchange_supported", request.param)
+    return request.param
+
+
+def test_each_swap_replaces_whole_into_new_folders_and_leaves_nothing(tmp_path, swap_mode):
+    target = tmp_path / "deep" / "er" / "ckpt"  # folders above it are made
+    for tag in "abc":
+        publish.publish_dir(_stage_version(str(target), tag), str(target), overwrite=True)
+        assert _read_version(target) == tag
+        assert sorted(p.name for p in target.parent.iterdir()) == ["ckpt"]  # the old version is deleted
+    with pytest.raises(FileExistsError, match=f"^{target} already exists$"):
+        publish.publish_dir(_stage_version(str(target), "d"), str(target))
+    assert _read_version(target) == "c"
+
+
+def test_a_stage_on_another_filesystem_is_copied_beside_the_target(tmp_path):
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or os.stat(shm).st_dev == os.stat(tmp_path).st_dev:
+        pytest.skip("no second filesystem to stage on")
+    target = tmp_path / "ckpt"
+    publish.publish_dir(_stage_version(str(target), "a"), str(target))
+    stage = Path(tempfile.mkdtemp(dir=shm))
+    for name in FILES:
+        (stage / name).parent.mkdir(parents=True, exist_ok=True)
+        (stage / name).write_text("b" * 1000)
+    publish.publish_dir(stage, str(target), overwrite=True)
+    assert _read_version(target) == "b" and not stage.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_a_failed_copy_across_filesystems_keeps_the_old_version(tmp_path, monkeypatch):
+    target = tmp_path / "ckpt"
+    publish.publish_dir(_stage_version(str(target), "a"), str(target))
+    stage = _stage_version(str(target), "b")
+    real_copy = shutil.copytree
+
+    def copy_then_fail(src, dst, *args, **kwargs):
+        monkeypatch.setattr(shutil, "copytree", real_copy)  # its own recursion copies for real
+        real_copy(src, dst, *args, **kwargs)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(publish, "_same_device", lambda a, b: False)  # as if the stage were elsewhere
+    monkeypatch.setattr(shutil, "copytree", copy_then_fail)
+    with pytest.raises(OSError, match="No space left"):
+        publish.publish_dir(stage, str(target), overwrite=True)
+    assert _read_version(target) == "a"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["ckpt", stage.name])  # its copy is gone
+
+
+def test_exchange_reports_what_it_cannot_do(tmp_path):
+    if not publish._exchange(tmp_path, tmp_path):
+        pytest.skip("this filesystem has no renameat2(RENAME_EXCHANGE)")
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    (a / "x").write_text("a")
+    assert publish._exchange(a, b) and (b / "x").read_text() == "a" and not (a / "x").exists()
+    assert publish._exchange(a, tmp_path / "missing") is False  # moved aside meanwhile: try again
+    (tmp_path / "file").write_text("")
+    with pytest.raises(NotADirectoryError) as info:
+        publish._exchange(a, tmp_path / "file" / "x")
+    assert info.value.filename == str(tmp_path / "file" / "x")
+    assert publish._exchange_supported  # a one-off error does not turn the exchange off
+
+
+def test_a_remote_target_stages_in_the_temp_folder():
+    stage = publish.staging_dir("s3://bucket/ckpt")
+    try:
+        assert stage.is_dir() and stage.parent == Path(tempfile.gettempdir())
+        assert stage.name.startswith("compalign-stage-")
+    finally:
+        stage.rmdir()

@@ -17,7 +17,7 @@ from tests.conftest import make_tiny
 
 
 def test_write_bytes_is_atomic(tmp_path):
-    target = tmp_path / "a" / "file.bin"
+    target = tmp_path / "a" / "b" / "file.bin"  # the folders above it are made
     storage.write_bytes(str(target), b"hello")
     assert target.read_bytes() == b"hello"
     assert [p.name for p in target.parent.iterdir()] == ["file.bin"]
