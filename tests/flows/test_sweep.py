@@ -264,8 +264,8 @@ class AfterTrials(logging.Handler):
         if record.getMessage().startswith("trial ") and " finished: " in record.getMessage():
             self.seen += 1
             if self.seen == self.trials:
+                self.done = True  # first: act() may raise (an interrupt)
                 self.act()
-                self.done = True
 
     def act(self) -> None:
         raise NotImplementedError
