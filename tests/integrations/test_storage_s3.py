@@ -217,3 +217,18 @@ def test_check_writable_on_s3(s3, prefix):
         CompalignError, match=r"cache.uri: cannot write to s3://no-such-bucket-x/c .*change cache.uri"
     ):
         storage.check_writable("s3://no-such-bucket-x/c", "cache.uri")
+
+
+def test_a_trailing_slash_names_the_same_checkpoint(s3, prefix, tmp_path):
+    uri = storage.join(prefix, "ckpt")
+    assert publish.resolve(uri + "/") == uri  # nothing published yet: the prefix itself
+    assert publish.publish_dir(_stage(tmp_path, "one", {"a.bin": b"1"}), uri + "/") == uri
+    with pytest.raises(FileExistsError, match=f"^{uri}/ already exists$"):
+        publish.publish_dir(_stage(tmp_path, "two", {"a.bin": b"2"}), uri + "/")
+    current = publish.resolve(uri + "/")
+    assert current.startswith(f"{uri}/versions/") and storage.read_bytes(f"{current}/a.bin") == b"1"
+    root = uri.removeprefix("s3://")
+    assert sorted(p.rsplit("/", 1)[-1] for p in s3.filesystem().ls(f"{root}/versions", detail=False)) == [
+        current.rsplit("/", 1)[-1], current.rsplit("/", 1)[-1] + ".done",
+    ]  # fmt: skip
+    assert s3.filesystem().cat(f"{root}/versions/{current.rsplit('/', 1)[-1]}.done") == b""

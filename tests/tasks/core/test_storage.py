@@ -145,3 +145,13 @@ def test_check_outputs_checks_each_used_location(tmp_path):
             storage.check_writable(str(read_only / "x"), "output.uri")
     finally:
         read_only.chmod(0o700)
+
+
+def test_s3_urls_get_the_configured_endpoint(monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:9")  # no request is made
+    for url in ("s3://bucket/key", "s3a://bucket/key"):
+        fs, path = storage.filesystem(url)
+        assert fs.protocol[0] in ("s3", "s3a") and path == "bucket/key"
+        assert fs.endpoint_url == "http://127.0.0.1:9" and fs.storage_options["use_listings_cache"] is False
+    pa_fs, path = storage.pyarrow_filesystem("s3://bucket/prefix/")
+    assert path == "bucket/prefix" and pa_fs.type_name == "py::fsspec+('s3', 's3a')"

@@ -1,4 +1,5 @@
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -183,3 +184,23 @@ def test_layer_weight_file_errors_are_exact(tmp_path):
     plain = tmp_path / "plain.safetensors"
     save_file({"attn_weights": torch.ones(3), "mlp_weights": torch.ones(3)}, plain)
     assert load_layer_weights(str(plain), 3).embed == 1.0  # no metadata: the embeddings fully
+
+
+def test_which_tensor_of_a_file_is_the_direction(tmp_path):
+    both = tmp_path / "both.safetensors"
+    save_file({"a_norms": torch.zeros(8), "direction": torch.ones(8)}, both)  # the named one, not the first
+    direction, metadata = load_direction(str(both), 8)
+    assert torch.allclose(direction, torch.ones(8) / 8**0.5) and metadata == {}
+    torch.save(torch.full((8,), 3.0), tmp_path / "d.pt")
+    assert load_direction(str(tmp_path / "d.pt"), 8)[1] == {}  # a .pt file carries no metadata
+    wide = tmp_path / "wide.safetensors"
+    save_file({"direction": torch.ones(2, 8)}, wide)  # two rows are not one direction of width 16
+    with _exact("direction has shape (2, 8) but the model's hidden size is 16"):
+        load_direction(str(wide), 16)
+    torch.save(Path("not/a/tensor"), tmp_path / "object.pt")  # pickled code is never run: refused
+    with pytest.raises(
+        CompalignError, match=f"^cannot read direction file {re.escape(str(tmp_path / 'object.pt'))}: "
+    ):
+        load_direction(str(tmp_path / "object.pt"), 8)
+    with _exact("direction is all zeros"):
+        check_direction(torch.zeros(8), 8)
