@@ -54,6 +54,8 @@ def run_entry(raw: DictConfig, schema: type[T], body: Callable[[T, DictConfig], 
     runs_before = len(tracking.started_runs)
     main_thread = threading.current_thread() is threading.main_thread()  # only it may take signals
     previous = signal.signal(signal.SIGTERM, _raise_terminated) if main_thread else None
+    # Ctrl-C always interrupts, even when the shell that started us ignored SIGINT (a background job `&`)
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler) if main_thread else None
     try:
         cfg = to_config(raw, schema)
         if "model" in raw and raw.model != getattr(cfg, "model", raw.model):
@@ -74,6 +76,7 @@ def run_entry(raw: DictConfig, schema: type[T], body: Callable[[T, DictConfig], 
     finally:
         if main_thread:
             signal.signal(signal.SIGTERM, previous)
+            signal.signal(signal.SIGINT, previous_int)
 
 
 def _raise_terminated(signum, frame) -> None:
