@@ -121,8 +121,8 @@ def mark_stale_runs(experiment_id: str) -> list[str]:
     )
     marked = []
     for stale in running:
-        pid, started = stale.data.tags.get("driver.pid"), stale.data.tags.get("driver.started")
-        if pid is None or started is None or _alive(int(pid), started):
+        pid = stale.data.tags.get("driver.pid")
+        if pid is None or "driver.started" not in stale.data.tags or driver_alive(stale):
             continue
         client.set_tag(
             stale.info.run_id, "failure", f"its driver (pid {pid} on {host}) ended without ending it"
