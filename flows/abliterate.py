@@ -34,6 +34,7 @@ from safetensors.torch import save as save_tensors
 
 from flows import _tracking as tracking
 from flows._common import run_entry
+from flows._save import save_edited
 from flows._steps import (
     collect_sums,
     concept_eval_spec,
@@ -45,7 +46,7 @@ from flows._steps import (
     summary_lines,
 )
 from tasks.core import storage
-from tasks.core.checkpoint import model_card, save_loaded
+from tasks.core.checkpoint import model_card
 from tasks.core.errors import CompalignError, keyed
 from tasks.core.model import dtype_name, inspect_model
 from tasks.core.plots import score_heatmaps
@@ -55,6 +56,7 @@ from tasks.directions.config import AbliterateConfig, SelectConfig
 from tasks.directions.found import Found
 from tasks.directions.refine import prepare_refine, refine_steps
 from tasks.directions.select import choose, rank_candidates
+from tasks.directions.stream import Edit
 from tasks.evaluation.evaluate import EvalResult
 from tasks.runtime.pool import WorkerPool
 
@@ -106,7 +108,7 @@ def abliterate(cfg: AbliterateConfig, raw: DictConfig) -> AbliterateResult:
                 before, after, concept_eval_spec(concept, cfg.data, cfg.eval, dtype_name(cfg.model_options))
             )
             # 9. Save the edited checkpoint (staged, then moved into place) and track it.
-            location = save(cfg, pool, editor, found, active.info.run_id)
+            location = save(cfg, pool, editor, spec.path, found, active.info.run_id)
         finally:
             pool.shutdown()
 
@@ -128,15 +130,21 @@ def given_direction(cfg: AbliterateConfig, spec) -> Found | None:
         return Found.from_file(direction, metadata, load_layer_weights(path, spec.n_layers))
 
 
-def save(cfg: AbliterateConfig, pool: WorkerPool, editor: int, found: Found, run_id: str) -> str | None:
-    """Save the edited model of worker ``editor`` with its card and direction; track where it went."""
+def save(
+    cfg: AbliterateConfig, pool: WorkerPool, editor: int, source: str, found: Found, run_id: str
+) -> str | None:
+    """Save the edit of the model at ``source`` (worker ``editor`` holds it edited) with its card, direction
+    and coverage report; track where it went."""
     if not cfg.output.save:
         return None
     uri = storage.absolute(cfg.output.uri or f"checkpoints/{run_id}")
     extra = {"direction.safetensors": save_tensors(found.tensors(), found.metadata())}
-    location = pool.call(editor, save_loaded, uri, _card(cfg, found, run_id), extra)
-    tracking.log_checkpoint(cfg.mlflow.checkpoint, location)
-    return location
+    w = found.weights
+    edit = Edit(found.direction) if w is None else Edit(found.direction, w.attn, w.mlp, w.embed)
+    return save_edited(
+        pool, editor, source, uri, _card(cfg, found, run_id), extra, edit, cfg.model_options,
+        dtype_name(cfg.model_options), cfg.mlflow.checkpoint,
+    )  # fmt: skip
 
 
 def find_direction(cfg: AbliterateConfig, pool: WorkerPool, spec, concept) -> Found:

@@ -39,12 +39,14 @@ from safetensors.torch import save
 from flows import _resume
 from flows import _tracking as tracking
 from flows._common import run_entry
+from flows._save import save_edited
 from flows._steps import collect_sums, concept_eval_spec, load_concept
 from tasks.core import storage
-from tasks.core.checkpoint import model_card, save_loaded
+from tasks.core.checkpoint import model_card
 from tasks.core.model import dtype_name, inspect_model
 from tasks.core.progress import Progress
 from tasks.directions.candidates import Candidates, difference_of_means
+from tasks.directions.stream import Edit
 from tasks.runtime import cluster
 from tasks.runtime.pool import WorkerPool
 from tasks.sweep.config import SearchConfig, SweepConfig
@@ -134,7 +136,7 @@ def sweep(cfg: SweepConfig, raw: DictConfig) -> SweepResult:
             )
             _log_confirmations(confirmations, children, best.trial.number, cfg.eval.split)
             # 8. Export the picked trial as an orthogonalized checkpoint (optional; ablation only).
-            location = _export(cfg, pool, best.trial, candidates, active.info.run_id)
+            location = _export(cfg, pool, spec.path, best.trial, candidates, active.info.run_id)
         finally:
             pool.shutdown()
 
@@ -311,7 +313,7 @@ def _log_confirmations(
 
 
 def _export(
-    cfg: SweepConfig, pool: WorkerPool, trial: Trial, candidates: Candidates, run_id: str
+    cfg: SweepConfig, pool: WorkerPool, source: str, trial: Trial, candidates: Candidates, run_id: str
 ) -> str | None:
     if not cfg.output.save:
         return None
@@ -338,9 +340,12 @@ def _export(
     )
     metadata = {k: str(v) for k, v in params.items()}
     extra = {"direction.safetensors": save({"direction": edit.direction.contiguous()}, metadata)}
-    location = pool.call(0, save_loaded, uri, card, extra)
-    tracking.log_checkpoint(cfg.mlflow.checkpoint, location)
-    return location
+    a = edit.ablation
+    weights = Edit(a.direction, a.attn_weights, a.mlp_weights, a.embed_weight)
+    return save_edited(
+        pool, 0, source, storage.absolute(uri), card, extra, weights, cfg.model_options,
+        dtype_name(cfg.model_options), cfg.mlflow.checkpoint,
+    )  # fmt: skip
 
 
 def _rate_rule(cfg: SweepConfig, threshold: float) -> str:

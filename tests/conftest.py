@@ -90,11 +90,11 @@ def tiny_config(kind: str, vocab: int):
     raise ValueError(kind)
 
 
-def make_tiny(kind: str, tokenizer, seed: int = 0):
+def make_tiny(kind: str, tokenizer, seed: int = 0, vocab: int | None = None):
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(kind, len(tokenizer)))
+    model = AutoModelForCausalLM.from_config(tiny_config(kind, vocab or len(tokenizer)))
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith("bias"):  # initialised to zero, a bias would hide an edit that skips it

@@ -20,6 +20,7 @@ import ctypes
 import errno
 import logging
 import os
+import posixpath
 import shutil
 import time
 import uuid
@@ -43,7 +44,7 @@ def staging_dir(uri: str) -> Path:
         return Path(tempfile.mkdtemp(prefix="compalign-stage-"))
     target = storage.local_path(uri)
     target.parent.mkdir(parents=True, exist_ok=True)
-    stage = target.with_name(f".{target.name}.partial-{uuid.uuid4().hex[:8]}")
+    stage = target.with_name(f".{target.name}.partial-{uuid.uuid4().hex}")
     stage.mkdir()
     return stage
 
@@ -55,7 +56,7 @@ def publish_dir(local_dir: Path, uri: str, overwrite: bool = False) -> str:
     leftovers. Returns the location (local: absolute path)."""
     if storage.is_remote(uri):
         location = _publish_remote(Path(local_dir), uri, overwrite)
-        shutil.rmtree(local_dir, ignore_errors=True)
+        _discard(local_dir)
         return location
     return _publish_local(Path(local_dir), storage.local_path(uri), overwrite)
 
@@ -81,22 +82,27 @@ def _publish_local(stage: Path, target: Path, overwrite: bool) -> str:
     if not overwrite and target.exists():
         raise FileExistsError(f"{target} already exists")
     if not _same_device(stage, target.parent):  # a rename cannot cross filesystems
-        near = target.with_name(f".{target.name}.partial-{uuid.uuid4().hex[:8]}")
+        near = target.with_name(f".{target.name}.partial-{uuid.uuid4().hex}")
         try:
             shutil.copytree(stage, near)
         except BaseException:
-            shutil.rmtree(near, ignore_errors=True)
+            _discard(near)
             raise
-        shutil.rmtree(stage, ignore_errors=True)
+        _discard(stage)
         stage = near
     try:
         old = _swap_in(stage, target, overwrite)
     except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
+        _discard(stage)
         raise
     if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        _discard(old)
     return str(target.absolute())
+
+
+def _discard(path: Path) -> None:
+    """Remove a stage or a replaced version; one already gone (or not removable) is not an error."""
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def _same_device(a: Path, b: Path) -> bool:
@@ -116,7 +122,7 @@ def _swap_in(stage: Path, target: Path, overwrite: bool) -> Path | None:
                 raise FileExistsError(f"{target} already exists") from e
         if _exchange(stage, target):
             return stage  # the old version, swapped out
-        aside = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
+        aside = target.with_name(f".{target.name}.old-{uuid.uuid4().hex}")
         try:
             os.rename(target, aside)
         except FileNotFoundError:  # another publisher has it aside right now
@@ -130,7 +136,7 @@ def _swap_in(stage: Path, target: Path, overwrite: bool) -> Path | None:
                 raise
             # Another publisher's version went in first: the one we set aside is superseded by it, and
             # ours goes in over it on the next attempt.
-            shutil.rmtree(aside, ignore_errors=True)
+            _discard(aside)
     raise OSError(f"could not publish to {target}: {_SWAP_ATTEMPTS} concurrent swaps lost")
 
 
@@ -166,11 +172,10 @@ def _exchange(a: Path, b: Path) -> bool:
 
 
 def _publish_remote(stage: Path, uri: str, overwrite: bool) -> str:
-    fs, path = storage.filesystem(uri)
-    path = path.rstrip("/")
+    fs, path = storage.filesystem(uri)  # the path has no trailing slash
     if not overwrite and fs.exists(path):
         raise FileExistsError(f"{uri} already exists")
-    version = f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}"
+    version = f"{time.time_ns():020d}-{uuid.uuid4().hex}"
     versions = f"{path}/{VERSIONS}"
     files = sorted(p for p in stage.rglob("*") if p.is_file())
     names = [p.relative_to(stage).as_posix() for p in files]
@@ -190,15 +195,15 @@ def _publish_remote(stage: Path, uri: str, overwrite: bool) -> str:
 def _collect_superseded(fs, path: str) -> None:
     """Delete finished versions the pointer no longer names, and files of the layout before versions."""
     versions = f"{path}/{VERSIONS}"
-    done = [p for p in fs.ls(versions, detail=False) if p.endswith(".done")]  # listed before the read
+    done = fs.glob(f"{versions}/*.done")  # listed before the pointer is read
     current = fs.cat_file(f"{path}/{POINTER}").decode().strip()
     for marker in done:
-        version = marker.rsplit("/", 1)[-1].removesuffix(".done")
+        version = posixpath.basename(marker).removesuffix(".done")
         if version != current:
             _remove_quietly(fs, f"{versions}/{version}")
             _remove_quietly(fs, marker)
-    for entry in fs.ls(path, detail=False):
-        if entry.rstrip("/").rsplit("/", 1)[-1] not in (POINTER, VERSIONS):
+    for entry in fs.glob(f"{path}/*"):
+        if posixpath.basename(entry) not in (POINTER, VERSIONS):
             _remove_quietly(fs, entry)
 
 

@@ -8,7 +8,7 @@ from torch import nn
 from tasks.core.errors import CompalignError
 from tasks.core.model import hidden_size
 from tasks.core.worker import Worker, sets_up
-from tasks.core.writers import residual_writers, untie_embeddings
+from tasks.core.writers import coverage, coverage_report, residual_writers, untie_embeddings
 from tasks.directions.candidates import LayerWeights
 
 
@@ -57,10 +57,21 @@ def orthogonalize_weights(
     return edited
 
 
+EDITED = "orthogonalized"
+"""What a worker keeps after an edit: the names of the tensors it edited (for the coverage report)."""
+
+
 @sets_up
 def orthogonalize_loaded(worker: Worker, direction: torch.Tensor, weights: LayerWeights | None = None) -> int:
     """Orthogonalize the worker's model in place (fully, or with per-layer ``weights``); edited tensors."""
     r = direction.to(worker.loaded.device)
     if weights is None:
-        return len(orthogonalize_weights(worker.loaded.model, r))
-    return len(orthogonalize_weights(worker.loaded.model, r, weights.attn, weights.mlp, weights.embed))
+        edited = orthogonalize_weights(worker.loaded.model, r)
+    else:
+        edited = orthogonalize_weights(worker.loaded.model, r, weights.attn, weights.mlp, weights.embed)
+    return len(worker.keep(EDITED, edited))
+
+
+def coverage_loaded(worker: Worker) -> dict:
+    """The coverage report of the worker's edit: every parameter, edited or left with the reason."""
+    return coverage_report(coverage(worker.loaded.model), worker.held(EDITED, list))

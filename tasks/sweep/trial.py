@@ -21,7 +21,7 @@ from tasks.core.errors import CompalignError
 from tasks.core.hooks import Ablation, Addition, intervene
 from tasks.core.worker import Worker, sets_up
 from tasks.directions.candidates import Candidates, interpolate_layer
-from tasks.directions.orthogonalize import orthogonalize_weights
+from tasks.directions.orthogonalize import EDITED, orthogonalize_weights
 from tasks.sweep.kernels import Kernel, first_active_layer, kernel_weights
 
 CANDIDATES = "sweep.candidates"
@@ -185,4 +185,4 @@ def export_trial(worker: Worker, trial: Trial) -> int:
         ablation.mlp_weights,
         ablation.embed_weight,
     )
-    return len(edited)
+    return len(worker.keep(EDITED, edited))

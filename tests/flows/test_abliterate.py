@@ -101,9 +101,13 @@ def test_french_run_is_tracked_and_saved(french_run, smollm2):
     assert {
         "config.yaml", "candidate_scores.csv", "candidate_scores.png",
         "directions/candidates.safetensors", "directions/chosen.safetensors", "eval/answers.json",
-        "environment/packages.json", "checkpoint.json",
+        "environment/packages.json", "checkpoint.json", "coverage.json",
     } <= artifacts  # fmt: skip
     assert run.data.tags["checkpoint_uri"] == result.checkpoint
+    # the GGUF is read once into a safetensors cache, which the edit streams from; coverage: all 30 layers
+    coverage = mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/coverage.json")
+    assert len(coverage["edited"]) == 1 + 2 * 30 and run.data.metrics["checkpoint.max_abs_logit_diff"] < 0.5
+    assert coverage["left"]["model.layers.0.self_attn.q_proj.weight"].endswith("reads the stream")
 
     # the checkpoint: safetensors + config + tokenizer with chat template + model card; logits equal hooks
     folder = Path(result.checkpoint)
@@ -128,6 +132,17 @@ def test_tiny_model_search_then_given_direction(tiny_dirs, workdir):
     assert found.table["stage"].tolist().count("full") == 3  # the screened finalists
     checkpoint = Path(first.checkpoint)
     assert checkpoint.parent == workdir / "checkpoints"  # default: checkpoints/<run id> in the working dir
+    # A safetensors source is edited shard by shard (not saved from memory), checked against the model
+    # edited in memory, and every residual writer is reported, in MLflow and in the card.
+    run = MlflowClient(f"sqlite:///{workdir}/mlflow.db").get_run(first.run_id)
+    assert run.data.metrics["checkpoint.max_abs_logit_diff"] < 1e-4  # float32: the same weights
+    coverage = json.loads((checkpoint / "coverage.json").read_text())
+    experts = sum(n.endswith(".w2.weight") for n in coverage["edited"])
+    assert experts == 3 * 4 and run.data.metrics["coverage.edited"] == len(coverage["edited"])
+    assert "| `model.layers.*.block_sparse_moe.experts.*.w2.weight` | 12 | edited |" in (
+        checkpoint / "README.md"
+    ).read_text()
+    assert not list(checkpoint.glob(".*"))  # no shard records or partial files published
 
     second = run_flow(
         [

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from pathlib import Path
@@ -100,18 +101,24 @@ def test_failed_upload_keeps_the_old_version_current_and_intact(s3, prefix, tmp_
     publish.publish_dir(_stage(tmp_path, "one", {"a.bin": b"a1", "b.bin": b"b1"}), uri)
     before = publish.resolve(uri)
     real_put_file = s3fs.S3FileSystem._put_file
-    calls = []
+    calls, uploaded = [], []
 
     async def flaky_put_file(self, lpath, rpath, *args, **kwargs):
         calls.append(rpath)
-        if len(calls) == 2:  # the first file is uploaded, the second fails
+        if len(calls) == 2:  # the second fails once the first is uploaded (so there is one to clean up)
+            for _ in range(100):
+                if uploaded:
+                    break
+                await asyncio.sleep(0.05)
             raise OSError("connection reset")
-        return await real_put_file(self, lpath, rpath, *args, **kwargs)
+        result = await real_put_file(self, lpath, rpath, *args, **kwargs)
+        uploaded.append(rpath)
+        return result
 
     monkeypatch.setattr(s3fs.S3FileSystem, "_put_file", flaky_put_file)
     with pytest.raises(OSError, match="connection reset"):
         publish.publish_dir(_stage(tmp_path, "two", {"a.bin": b"a2", "b.bin": b"b2"}), uri, overwrite=True)
-    assert len(calls) == 2
+    assert len(calls) == 2 and len(uploaded) == 1
     assert publish.resolve(uri) == before
     assert [storage.read_bytes(storage.join(before, n)) for n in ("a.bin", "b.bin")] == [b"a1", b"b1"]
     name = before.rsplit("/", 1)[-1]

@@ -3,6 +3,9 @@ with one complete version and no leftovers, and a failed publish leaves what was
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import logging
 import multiprocessing
 import os
 import shutil
@@ -209,6 +212,7 @@ def test_exchange_reports_what_it_cannot_do(tmp_path):
     with pytest.raises(NotADirectoryError) as info:
         publish._exchange(a, tmp_path / "file" / "x")
     assert info.value.filename == str(tmp_path / "file" / "x")
+    assert info.value.strerror == os.strerror(errno.ENOTDIR)
     assert publish._exchange_supported  # a one-off error does not turn the exchange off
 
 
@@ -219,3 +223,151 @@ def test_a_remote_target_stages_in_the_temp_folder():
         assert stage.name.startswith("compalign-stage-")
     finally:
         stage.rmdir()
+
+
+# --- races, replayed one at a time (the concurrent test above meets them only by chance) ---------------
+
+
+def _rename_with(monkeypatch, hook):
+    """os.rename that first calls ``hook(src, dst, real_rename)``, which may raise (as if another publisher
+    had just moved the target) or act as a rival publisher; the exchange is off so every swap renames."""
+    real_rename = os.rename
+
+    def rename(src, dst):
+        hook(Path(src), Path(dst), real_rename)
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(publish, "_exchange_supported", False)
+    monkeypatch.setattr(os, "rename", rename)
+
+
+def test_a_target_another_publisher_has_aside_is_tried_again(tmp_path, monkeypatch):
+    uri = str(tmp_path / "ckpt")
+    publish.publish_dir(_stage_version(uri, "a"), uri)
+    misses = []
+
+    def gone_once(src, dst, real_rename):
+        if ".old-" in dst.name and not misses:
+            misses.append(dst)
+            raise FileNotFoundError(2, "No such file or directory", str(src))
+
+    _rename_with(monkeypatch, gone_once)
+    publish.publish_dir(_stage_version(uri, "b"), uri, overwrite=True)
+    assert len(misses) == 1 and _read_version(Path(uri)) == "b"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_a_rival_version_that_went_in_first_is_replaced_and_nothing_is_left(tmp_path, monkeypatch):
+    uri = str(tmp_path / "ckpt")
+    publish.publish_dir(_stage_version(uri, "a"), uri)
+    rivals = []
+
+    def rival_swaps_in(src, dst, real_rename):
+        # Right after ours set the old version aside, a rival's version takes the name.
+        if dst == Path(uri) and not dst.exists() and not rivals:
+            rivals.append(_stage_version(uri, "z"))
+            real_rename(rivals[0], dst)
+
+    _rename_with(monkeypatch, rival_swaps_in)
+    publish.publish_dir(_stage_version(uri, "b"), uri, overwrite=True)
+    assert len(rivals) == 1 and _read_version(Path(uri)) == "b"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # neither "a" nor "z" is left aside
+
+
+def test_swaps_lost_every_time_give_up_and_keep_the_old_version(tmp_path, monkeypatch):
+    uri = str(tmp_path / "ckpt")
+    publish.publish_dir(_stage_version(uri, "a"), uri)
+    tries = []
+
+    def always_gone(src, dst, real_rename):
+        if ".old-" in dst.name:
+            tries.append(dst)
+            raise FileNotFoundError(2, "No such file or directory", str(src))
+
+    _rename_with(monkeypatch, always_gone)
+    monkeypatch.setattr(publish, "_SWAP_ATTEMPTS", 3)
+    with pytest.raises(OSError, match=f"^could not publish to {uri}: 3 concurrent swaps lost$"):
+        publish.publish_dir(_stage_version(uri, "b"), uri, overwrite=True)
+    assert len(tries) == 3 and _read_version(Path(uri)) == "a"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # the stage is removed
+
+
+def test_a_stage_made_elsewhere_goes_into_new_folders(tmp_path):
+    stage = Path(tempfile.mkdtemp(dir=tmp_path))
+    (stage / "f").write_text("x")
+    target = tmp_path / "new" / "deeper" / "ckpt"
+    assert publish.publish_dir(stage, str(target)) == str(target)
+    assert (target / "f").read_text() == "x" and not stage.exists()
+
+
+def test_a_lost_name_race_without_overwrite_is_refused_by_name(tmp_path):
+    target, stage = tmp_path / "ckpt", tmp_path / "stage"
+    for d in (target, stage):
+        d.mkdir()
+        (d / "f").write_text(d.name)
+    with pytest.raises(FileExistsError, match=f"^{target} already exists$"):
+        publish._swap_in(stage, target, overwrite=False)  # another publisher took the name after the check
+    assert (target / "f").read_text() == "ckpt"
+
+
+def test_discarding_what_is_already_gone_is_no_error(tmp_path):
+    publish._discard(tmp_path / "missing")
+    (tmp_path / "d" / "e").mkdir(parents=True)
+    publish._discard(tmp_path / "d")
+    assert not (tmp_path / "d").exists()
+
+
+class _NoRenameat2:
+    pass
+
+
+class _Renameat2Failing:
+    """A libc whose renameat2 fails with ``code`` (as an old kernel or a filesystem without it does)."""
+
+    def __init__(self, code: int) -> None:
+        self.code = code
+
+    @property
+    def renameat2(self):
+        def call(*args):
+            ctypes.set_errno(self.code)
+            return -1
+
+        return call
+
+
+@pytest.mark.parametrize(
+    "libc", [_NoRenameat2(), _Renameat2Failing(errno.ENOSYS), _Renameat2Failing(errno.EINVAL)]
+)
+def test_without_renameat2_exchange_turns_itself_off(tmp_path, monkeypatch, libc):
+    monkeypatch.setattr(publish, "_exchange_supported", True)
+    monkeypatch.setattr(ctypes, "CDLL", lambda *a, **k: libc)
+    assert publish._exchange(tmp_path, tmp_path) is False
+    assert publish._exchange_supported is False
+    uri = str(tmp_path / "ckpt")  # publishing still works, by renaming aside
+    for tag in "ab":
+        publish.publish_dir(_stage_version(uri, tag), uri, overwrite=True)
+    assert _read_version(Path(uri)) == "b"
+
+
+def test_a_leftover_that_cannot_be_removed_is_logged_not_raised(caplog):
+    class Stuck:
+        def exists(self, path):
+            return True
+
+        def rm(self, path, recursive=False):
+            raise PermissionError("access denied")
+
+    class Gone:
+        def exists(self, path):
+            return False
+
+        def rm(self, path, recursive=False):
+            raise AssertionError("nothing to remove")
+
+    with caplog.at_level(logging.WARNING, logger=publish.__name__):
+        publish._remove_quietly(Stuck(), "bucket/ckpt/versions/1")
+        publish._remove_quietly(Gone(), "bucket/ckpt/versions/2")
+    assert [r.getMessage() for r in caplog.records] == [
+        "could not remove bucket/ckpt/versions/1 (access denied); delete it by hand"
+    ]

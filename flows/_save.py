@@ -1,0 +1,87 @@
+"""Step 9 of abliterate and sweep: save the edited checkpoint, with its coverage report, and check it.
+
+A safetensors source (a folder or a hub snapshot) is edited shard by shard as Ray tasks on this node
+(``tasks/directions/stream.py``: memory bounded by one tensor, resumable), then loaded back in a task of
+its own and its logits compared with the edited model in memory before it is published; any other source
+(a GGUF file) is saved from the worker's edited model. Either way every residual-writing parameter is
+listed as edited or left, with the reason, in MLflow (coverage.json) and in the model card."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from pathlib import Path
+
+import mlflow
+
+from flows import _tracking as tracking
+from tasks.core.checkpoint import save_loaded
+from tasks.core.config import ModelOptions
+from tasks.core.errors import CompalignError
+from tasks.core.writers import coverage_table
+from tasks.directions.orthogonalize import coverage_loaded
+from tasks.directions.stream import Edit, is_streamable, stream_checkpoint
+from tasks.directions.verify import checkpoint_logits, logits_loaded
+from tasks.runtime.pool import WorkerPool
+from tasks.runtime.tasks import run_tasks
+
+log = logging.getLogger("compalign.save")
+
+CHECK_TEXTS = ["The capital of France is", "Write a short poem about the sea.", "1, 1, 2, 3, 5, 8,"]
+CHECK_TOLERANCE = {"float32": 1e-3, "float16": 0.1, "bfloat16": 0.5}
+"""Largest |logit difference| between the saved checkpoint and the model edited in memory: the streamed
+edit rounds once from float64, the in-memory one may have run in a lower precision."""
+
+
+def with_coverage(card: str, report: dict) -> str:
+    return f"{card}\n## What was edited\n\n{coverage_table(report)}\n"
+
+
+def save_edited(
+    pool: WorkerPool,
+    worker: int,
+    source: str,
+    uri: str,
+    card: str,
+    extra: dict[str, bytes],
+    edit: Edit,
+    opts: ModelOptions,
+    dtype: str,
+    checkpoint_mode: str,
+) -> str:
+    """Save ``edit`` of the model at ``source`` to ``uri`` (see the module docstring); worker ``worker``
+    holds the model edited in memory. Returns the location."""
+    if not is_streamable(source):
+        report = pool.call(worker, coverage_loaded)
+        location = pool.call(worker, save_loaded, uri, with_coverage(card, report), extra)
+    else:
+        run = functools.partial(run_tasks, stage="orthogonalize shards", unit="shards", on_this_node=True)
+        check = functools.partial(_check, pool, worker, opts, dtype)
+        done = stream_checkpoint(
+            source, uri, edit, functools.partial(with_coverage, card), run, extra, check=check
+        )
+        report, location = done.coverage, done.location
+        mlflow.log_metric("checkpoint.shards_resumed", done.skipped)
+    edited, left = len(report["edited"]), len(report["left"])
+    mlflow.log_dict(report, "coverage.json")
+    mlflow.log_metrics({"coverage.edited": edited, "coverage.left": left})
+    log.info("save: %d tensors edited, %d left as they are (coverage.json says why)", edited, left)
+    tracking.log_checkpoint(checkpoint_mode, location)
+    return location
+
+
+def _check(pool: WorkerPool, worker: int, opts: ModelOptions, dtype: str, stage: Path) -> None:
+    """Load the staged checkpoint in a task and compare its logits with the worker's edited model."""
+    expected = pool.call(worker, logits_loaded, CHECK_TEXTS)
+    (got,) = run_tasks(
+        checkpoint_logits, [(str(stage), opts, CHECK_TEXTS)], stage="check the saved checkpoint",
+        unit="checkpoints", on_this_node=True,
+    )  # fmt: skip
+    diff = float((got - expected).abs().max())
+    mlflow.log_metric("checkpoint.max_abs_logit_diff", diff)
+    log.info("save: the streamed checkpoint's logits differ from the edited model's by at most %.2g", diff)
+    if diff > CHECK_TOLERANCE.get(dtype, 0.5):
+        raise CompalignError(
+            f"the streamed checkpoint's logits differ from the edited model's by {diff:.3g} (more than "
+            f"{CHECK_TOLERANCE.get(dtype, 0.5)} for {dtype}); it was not published"
+        )
