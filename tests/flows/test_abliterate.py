@@ -139,9 +139,10 @@ def test_tiny_model_search_then_given_direction(tiny_dirs, workdir):
     coverage = json.loads((checkpoint / "coverage.json").read_text())
     experts = sum(n.endswith(".w2.weight") for n in coverage["edited"])
     assert experts == 3 * 4 and run.data.metrics["coverage.edited"] == len(coverage["edited"])
-    assert "| `model.layers.*.block_sparse_moe.experts.*.w2.weight` | 12 | edited |" in (
-        checkpoint / "README.md"
-    ).read_text()
+    assert (
+        "| `model.layers.*.block_sparse_moe.experts.*.w2.weight` | 12 | edited |"
+        in (checkpoint / "README.md").read_text()
+    )
     assert not list(checkpoint.glob(".*"))  # no shard records or partial files published
 
     second = run_flow(
