@@ -19,6 +19,7 @@ import contextlib
 import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import threading
@@ -105,6 +106,14 @@ def make_checkpoint(folder: Path, gb: float, shards: int) -> tuple[int, dict]:
     return hidden, config
 
 
+def _warm(wait_s: float) -> int:
+    """What a shard task imports, so that the idle level counts the workers as they run."""
+    import tasks.directions.stream  # noqa: F401
+
+    time.sleep(wait_s)  # both tasks at once: two worker processes
+    return 0
+
+
 def plain_copy(src: Path, dst: Path) -> float:
     dst.mkdir()
     start = time.monotonic()
@@ -122,7 +131,11 @@ def main() -> None:
     parser.add_argument("--gb", type=float, default=3.2)
     parser.add_argument("--shards", type=int, default=12)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--make", help=argparse.SUPPRESS)  # only write the checkpoint into this folder
     args = parser.parse_args()
+    if args.make:
+        make_checkpoint(Path(args.make), args.gb, args.shards)
+        return
 
     import ray
 
@@ -136,7 +149,20 @@ def main() -> None:
         src = work / "src"
         src.mkdir()
         t0 = time.monotonic()
-        hidden, config = make_checkpoint(src, args.gb, args.shards)
+        # in a process of its own, so that this one's memory is not left grown by the random tensors
+        make = [
+            sys.executable,
+            __file__,
+            "--make",
+            str(src),
+            "--gb",
+            str(args.gb),
+            "--shards",
+            str(args.shards),
+        ]
+        subprocess.run(make, check=True)
+        config = json.loads((src / "config.json").read_text())
+        hidden = config["hidden_size"]
         files = sorted(src.glob("*.safetensors"))
         largest = max(f.stat().st_size for f in files)
         total = sum(f.stat().st_size for f in files)
@@ -147,7 +173,7 @@ def main() -> None:
 
         init_ray(RayConfig(num_cpus=args.workers, log_to_driver=False))
         # warm the worker processes (their imports), then take the idle level of the tree
-        run_tasks(len, [([],)] * args.workers, stage="warm up", unit="tasks")
+        run_tasks(_warm, [(1.0,)] * args.workers, stage="warm up", unit="tasks")
         time.sleep(2)
         idle = tree_rss()
         r = torch.randn(hidden, generator=torch.Generator().manual_seed(1), dtype=torch.float64)

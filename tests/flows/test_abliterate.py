@@ -132,17 +132,14 @@ def test_tiny_model_search_then_given_direction(tiny_dirs, workdir):
     assert found.table["stage"].tolist().count("full") == 3  # the screened finalists
     checkpoint = Path(first.checkpoint)
     assert checkpoint.parent == workdir / "checkpoints"  # default: checkpoints/<run id> in the working dir
-    # A safetensors source is edited shard by shard (not saved from memory), checked against the model
-    # edited in memory, and every residual writer is reported, in MLflow and in the card.
+    # A safetensors source is streamed shard by shard, checked against the edited model, and covered.
     run = MlflowClient(f"sqlite:///{workdir}/mlflow.db").get_run(first.run_id)
     assert run.data.metrics["checkpoint.max_abs_logit_diff"] < 1e-4  # float32: the same weights
     coverage = json.loads((checkpoint / "coverage.json").read_text())
     experts = sum(n.endswith(".w2.weight") for n in coverage["edited"])
     assert experts == 3 * 4 and run.data.metrics["coverage.edited"] == len(coverage["edited"])
-    assert (
-        "| `model.layers.*.block_sparse_moe.experts.*.w2.weight` | 12 | edited |"
-        in (checkpoint / "README.md").read_text()
-    )
+    card = (checkpoint / "README.md").read_text()
+    assert "| `model.layers.*.block_sparse_moe.experts.*.w2.weight` | 12 | edited |" in card
     assert not list(checkpoint.glob(".*"))  # no shard records or partial files published
 
     second = run_flow(
