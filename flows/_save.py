@@ -19,7 +19,7 @@ from tasks.core.checkpoint import save_loaded
 from tasks.core.config import ModelOptions
 from tasks.core.errors import CompalignError
 from tasks.core.writers import coverage_table
-from tasks.directions.orthogonalize import coverage_loaded
+from tasks.directions.orthogonalize import coverage_loaded, orthogonalize_loaded
 from tasks.directions.stream import Edit, is_streamable, stream_checkpoint
 from tasks.directions.verify import checkpoint_logits, logits_loaded
 from tasks.runtime.pool import WorkerPool
@@ -48,15 +48,20 @@ def save_edited(
     opts: ModelOptions,
     dtype: str,
     checkpoint_mode: str,
+    edited_in_memory: bool,
 ) -> str:
-    """Save ``edit`` of the model at ``source`` to ``uri`` (see the module docstring); worker ``worker``
-    holds the model edited in memory. Returns the location."""
+    """Save ``edit`` of the model at ``source`` to ``uri`` (see the module docstring). Worker ``worker``
+    holds the model, edited in memory (``edited_in_memory``) or unedited, when the check applies the edit
+    by hooks. Returns the location."""
+    hooks = None if edited_in_memory else edit
     if not is_streamable(source):
+        if hooks is not None:
+            pool.call(worker, orthogonalize_loaded, edit.direction, edit.layer_weights())
         report = pool.call(worker, coverage_loaded)
         location = pool.call(worker, save_loaded, uri, with_coverage(card, report), extra)
     else:
         run = functools.partial(run_tasks, stage="orthogonalize shards", unit="shards", on_this_node=True)
-        check = functools.partial(_check, pool, worker, opts, dtype)
+        check = functools.partial(_check, pool, worker, hooks, opts, dtype)
         done = stream_checkpoint(
             source, uri, edit, functools.partial(with_coverage, card), run, extra, check=check
         )
@@ -70,9 +75,12 @@ def save_edited(
     return location
 
 
-def _check(pool: WorkerPool, worker: int, opts: ModelOptions, dtype: str, stage: Path) -> None:
-    """Load the staged checkpoint in a task and compare its logits with the worker's edited model."""
-    expected = pool.call(worker, logits_loaded, CHECK_TEXTS)
+def _check(
+    pool: WorkerPool, worker: int, hooks: Edit | None, opts: ModelOptions, dtype: str, stage: Path
+) -> None:
+    """Load the staged checkpoint in a task and compare its logits with the worker's edited (or hooked)
+    model."""
+    expected = pool.call(worker, logits_loaded, CHECK_TEXTS, hooks)
     (got,) = run_tasks(
         checkpoint_logits, [(str(stage), opts, CHECK_TEXTS)], stage="check the saved checkpoint",
         unit="checkpoints", on_this_node=True,

@@ -6,7 +6,6 @@ import logging
 from dataclasses import dataclass
 
 import mlflow
-import torch
 
 from flows import _tracking as tracking
 from tasks.core.concept_config import CollectConfig, ConceptConfig, EvalConfig, SplitEvalConfig
@@ -24,10 +23,9 @@ from tasks.core.prompts import (
     with_validation,
 )
 from tasks.directions import cache
-from tasks.directions.candidates import Candidates, LayerWeights
+from tasks.directions.candidates import Candidates
 from tasks.directions.collect import ActivationSums, collect_part
 from tasks.directions.config import ScoreConfig, SelectConfig
-from tasks.directions.orthogonalize import orthogonalize_loaded
 from tasks.directions.score import (
     Candidate,
     CandidateScore,
@@ -37,6 +35,8 @@ from tasks.directions.score import (
     score_part,
 )
 from tasks.directions.select import pick_finalists
+from tasks.directions.stream import Edit
+from tasks.directions.verify import evaluate_hooked
 from tasks.evaluation.evaluate import (
     SHORT_TOKENS,
     BehaviourEval,
@@ -199,24 +199,17 @@ def collect_on_pool(
     )
 
 
-def evaluate_and_edit(
-    pool: WorkerPool,
-    concept: ConceptData,
-    judge_cfg,
-    eval_cfg: SplitEvalConfig,
-    direction: torch.Tensor,
-    weights: LayerWeights | None = None,
+def evaluate_edit(
+    pool: WorkerPool, concept: ConceptData, judge_cfg, eval_cfg: SplitEvalConfig, edit: Edit
 ) -> tuple[EvalResult, EvalResult, int]:
-    """Evaluate the unedited model on worker 0 while worker 1 orthogonalizes its copy and evaluates that
-    (with one worker, one after the other). The KL of the edited model is taken against the unedited
-    next-token distribution. Returns (before, after, index of the worker holding the edited model)."""
+    """Evaluate the unedited model on worker 0 and, at once on worker 1, the model as ``edit`` leaves it,
+    through hooks equal to the edited weights (with one worker, one after the other): no worker is edited
+    or holds a second copy. The KL of the edited model is taken against the unedited next-token
+    distribution. Returns (before, after, index of the worker that evaluated the edit)."""
     editor = 1 if pool.size > 1 else 0
     target, baseline = (getattr(prompts, eval_cfg.split) for prompts in (concept.target, concept.baseline))
     args = (judge_cfg, target, baseline, concept.perplexity_text, eval_cfg, None, concept.over_refusal)
-    # Calls on one worker run in order: with one worker, the edit waits for the unedited evaluation.
-    pending = [pool.start(0, evaluate_loaded, *args)]
-    pool.start(editor, orthogonalize_loaded, direction, weights)
-    pending.append(pool.start(editor, evaluate_loaded, *args))
+    pending = [pool.start(0, evaluate_loaded, *args), pool.start(editor, evaluate_hooked, edit, *args)]
     before, after = pool.gather(pending, "evaluate before/after", unit="models")
     after.compare(before)
     return before, after, editor

@@ -14,8 +14,10 @@ On a Ray cluster (see cluster/README.md):
 
 Steps (numbered as in README and in ``abliterate``): 1 inspect the model and load the prompts (then a
 check that the unedited model shows the behaviour), 2 collect activations (Ray), 3 form candidates,
-4 score them (Ray), 5 select one and refine it, 6 evaluate before, 7 orthogonalize, 8 evaluate after
-(6-8 on two Ray workers at once), 9 save, 10 summary. Every step is tracked in one MLflow run.
+4 score them (Ray), 5 select one and refine it, 6 evaluate before, 7-8 evaluate the edit, applied by
+hooks equal to the orthogonalized weights (6-8 on two Ray workers at once), 9 save the orthogonalized
+checkpoint (streamed shard by shard, checked against the hooked model), 10 summary. Every step is
+tracked in one MLflow run.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from flows._save import save_edited
 from flows._steps import (
     collect_sums,
     concept_eval_spec,
-    evaluate_and_edit,
+    evaluate_edit,
     load_concept,
     log_eval,
     require_behaviour,
@@ -100,14 +102,12 @@ def abliterate(cfg: AbliterateConfig, raw: DictConfig) -> AbliterateResult:
             found = given or find_direction(cfg, pool, spec, concept)
             found = refine(cfg, pool, concept, found)
             tracking.log_direction(found.tensors(), found.metadata(), found.layer, found.position)
-            # 6-8. Evaluate the unedited model, orthogonalize a copy, evaluate that (two workers at once).
-            before, after, editor = evaluate_and_edit(
-                pool, concept, cfg.data.judge, cfg.eval, found.direction, found.weights
-            )
+            # 6-8. Evaluate the unedited model and, on a second worker at once, the edit (by hooks).
+            before, after, editor = evaluate_edit(pool, concept, cfg.data.judge, cfg.eval, edit_of(found))
             log_eval(
                 before, after, concept_eval_spec(concept, cfg.data, cfg.eval, dtype_name(cfg.model_options))
             )
-            # 9. Save the edited checkpoint (staged, then moved into place) and track it.
+            # 9. Save the orthogonalized checkpoint (streamed, checked, then moved into place); track it.
             location = save(cfg, pool, editor, spec.path, found, active.info.run_id)
         finally:
             pool.shutdown()
@@ -139,12 +139,15 @@ def save(
         return None
     uri = storage.absolute(cfg.output.uri or f"checkpoints/{run_id}")
     extra = {"direction.safetensors": save_tensors(found.tensors(), found.metadata())}
-    w = found.weights
-    edit = Edit(found.direction) if w is None else Edit(found.direction, w.attn, w.mlp, w.embed)
     return save_edited(
-        pool, editor, source, uri, _card(cfg, found, run_id), extra, edit, cfg.model_options,
-        dtype_name(cfg.model_options), cfg.mlflow.checkpoint,
+        pool, editor, source, uri, _card(cfg, found, run_id), extra, edit_of(found), cfg.model_options,
+        dtype_name(cfg.model_options), cfg.mlflow.checkpoint, edited_in_memory=False,
     )  # fmt: skip
+
+
+def edit_of(found: Found) -> Edit:
+    w = found.weights
+    return Edit(found.direction) if w is None else Edit(found.direction, w.attn, w.mlp, w.embed)
 
 
 def find_direction(cfg: AbliterateConfig, pool: WorkerPool, spec, concept) -> Found:

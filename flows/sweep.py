@@ -344,7 +344,7 @@ def _export(
     weights = Edit(a.direction, a.attn_weights, a.mlp_weights, a.embed_weight)
     return save_edited(
         pool, 0, source, storage.absolute(uri), card, extra, weights, cfg.model_options,
-        dtype_name(cfg.model_options), cfg.mlflow.checkpoint,
+        dtype_name(cfg.model_options), cfg.mlflow.checkpoint, edited_in_memory=True,
     )  # fmt: skip
 
 

@@ -18,8 +18,10 @@ import torch
 
 from tasks.core import storage
 from tasks.core.errors import CompalignError
+from tasks.core.hooks import Ablation
 from tasks.core.tensorfile import Output, read_header, read_tensor, write_file
 from tasks.core.writers import Placement, place_all
+from tasks.directions.candidates import LayerWeights
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +46,21 @@ class Edit:
             return float(self.embed)
         weights = self.attn if p.kind == "attn" else self.mlp
         return 1.0 if weights is None else float(weights[p.layer])
+
+    def layer_weights(self) -> LayerWeights | None:
+        if self.attn is None and self.mlp is None and self.embed == 1.0:
+            return None
+        layers = len(self.attn if self.attn is not None else self.mlp)
+        ones = torch.ones(layers)
+        return LayerWeights(
+            self.attn if self.attn is not None else ones,
+            self.mlp if self.mlp is not None else ones,
+            float(self.embed),
+        )
+
+    def ablation(self, device: torch.device) -> Ablation:
+        """The same edit as hooks on the residual writers' outputs (equal to the edited weights)."""
+        return Ablation(self.direction.to(device), self.attn, self.mlp, float(self.embed))
 
     def fingerprint(self) -> str:
         h = hashlib.sha256()

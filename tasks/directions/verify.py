@@ -1,5 +1,7 @@
-"""The check of a saved edit: the checkpoint as written gives the logits of the model that was edited (or
-hooked) in memory, on a few prompts."""
+"""An edit seen through hooks, so that no worker holds a second, edited copy of its model: the evaluation
+"after" runs on the unedited model with the edit's ablation hooks (equal to the orthogonalized weights,
+tests/tasks/directions/test_orthogonalize.py), and the saved checkpoint is checked against the same hooked
+model on a few prompts."""
 
 from __future__ import annotations
 
@@ -7,8 +9,11 @@ import torch
 
 from tasks.core.config import ModelOptions
 from tasks.core.forward import last_logits
+from tasks.core.hooks import intervene
 from tasks.core.model import LoadedModel, load_model
 from tasks.core.worker import Worker
+from tasks.directions.stream import Edit
+from tasks.evaluation.evaluate import EvalResult, evaluate_loaded
 
 
 @torch.no_grad()
@@ -17,9 +22,19 @@ def _logits(loaded: LoadedModel, texts: list[str]) -> torch.Tensor:
     return last_logits(loaded.model, batch["input_ids"], batch["attention_mask"]).cpu()
 
 
-def logits_loaded(worker: Worker, texts: list[str]) -> torch.Tensor:
-    """Next-token logits of the worker's (edited) model at the end of each text, (texts, vocab) float32."""
-    return _logits(worker.loaded, texts)
+def logits_loaded(worker: Worker, texts: list[str], edit: Edit | None = None) -> torch.Tensor:
+    """Next-token logits of the worker's model at the end of each text, (texts, vocab) float32; with
+    ``edit``, through its hooks (the worker's model itself unedited)."""
+    if edit is None:
+        return _logits(worker.loaded, texts)
+    with intervene(worker.loaded.model, ablation=edit.ablation(worker.loaded.device)):
+        return _logits(worker.loaded, texts)
+
+
+def evaluate_hooked(worker: Worker, edit: Edit, *args) -> EvalResult:
+    """``evaluate_loaded(worker, *args)`` of the model as ``edit`` would leave it, applied by hooks."""
+    with intervene(worker.loaded.model, ablation=edit.ablation(worker.loaded.device)):
+        return evaluate_loaded(worker, *args)
 
 
 def checkpoint_logits(path: str, opts: ModelOptions, texts: list[str]) -> torch.Tensor:
