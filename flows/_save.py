@@ -1,9 +1,9 @@
 """Step 9 of abliterate and sweep: save the edited checkpoint, with its coverage report, and check it.
 
-A safetensors source (a folder or a hub snapshot) is edited shard by shard as Ray tasks on this node
-(``tasks/directions/stream.py``: memory bounded by one tensor, resumable), then loaded back in a task of
-its own and its logits compared with the edited model in memory before it is published; any other source
-(a GGUF file) is saved from the worker's edited model. Either way every residual-writing parameter is
+The source checkpoint (a safetensors folder, a hub snapshot, or the packaged GGUF's safetensors cache) is
+edited shard by shard as Ray tasks on this node (``tasks/directions/stream.py``: memory bounded by one
+tensor, resumable), then loaded back in a task of its own and its logits compared with a worker's model
+under the edit's hooks before it is published: no worker ever holds an edited copy. Every parameter is
 listed as edited or left, with the reason, in MLflow (coverage.json) and in the model card."""
 
 from __future__ import annotations
@@ -15,11 +15,9 @@ from pathlib import Path
 import mlflow
 
 from flows import _tracking as tracking
-from tasks.core.checkpoint import save_loaded
 from tasks.core.config import ModelOptions
 from tasks.core.errors import CompalignError
 from tasks.core.writers import coverage_table
-from tasks.directions.orthogonalize import coverage_loaded, orthogonalize_loaded
 from tasks.directions.stream import Edit, is_streamable, stream_checkpoint
 from tasks.directions.verify import checkpoint_logits, logits_loaded
 from tasks.runtime.pool import WorkerPool
@@ -48,28 +46,24 @@ def save_edited(
     opts: ModelOptions,
     dtype: str,
     checkpoint_mode: str,
-    edited_in_memory: bool,
 ) -> str:
-    """Save ``edit`` of the model at ``source`` to ``uri`` (see the module docstring). Worker ``worker``
-    holds the model, edited in memory (``edited_in_memory``) or unedited, when the check applies the edit
-    by hooks. Returns the location."""
-    hooks = None if edited_in_memory else edit
+    """Save ``edit`` of the checkpoint at ``source`` to ``uri`` (see the module docstring), checked against
+    worker ``worker``'s (unedited) model with the edit's hooks. Returns the location."""
     if not is_streamable(source):
-        if hooks is not None:
-            pool.call(worker, orthogonalize_loaded, edit.direction, edit.layer_weights())
-        report = pool.call(worker, coverage_loaded)
-        location = pool.call(worker, save_loaded, uri, with_coverage(card, report), extra)
-    else:
-        run = functools.partial(run_tasks, stage="orthogonalize shards", unit="shards", on_this_node=True)
-        check = functools.partial(_check, pool, worker, hooks, opts, dtype)
-        done = stream_checkpoint(
-            source, uri, edit, functools.partial(with_coverage, card), run, extra, check=check
+        raise CompalignError(
+            f"{source} holds no safetensors checkpoint (model.safetensors or its index) to edit; "
+            "set output.save=false, or give the model as a safetensors folder"
         )
-        report, location = done.coverage, done.location
-        mlflow.log_metric("checkpoint.shards_resumed", done.skipped)
+    run = functools.partial(run_tasks, stage="orthogonalize shards", unit="shards", on_this_node=True)
+    check = functools.partial(_check, pool, worker, edit, opts, dtype)
+    cards = functools.partial(with_coverage, card)
+    done = stream_checkpoint(source, uri, edit, cards, run, extra, check=check)
+    report, location = done.coverage, done.location
     edited, left = len(report["edited"]), len(report["left"])
     mlflow.log_dict(report, "coverage.json")
-    mlflow.log_metrics({"coverage.edited": edited, "coverage.left": left})
+    mlflow.log_metrics(
+        {"coverage.edited": edited, "coverage.left": left, "checkpoint.shards_resumed": done.skipped}
+    )
     log.info("save: %d tensors edited, %d left as they are (coverage.json says why)", edited, left)
     tracking.log_checkpoint(checkpoint_mode, location)
     return location

@@ -141,7 +141,7 @@ def save(
     extra = {"direction.safetensors": save_tensors(found.tensors(), found.metadata())}
     return save_edited(
         pool, editor, source, uri, _card(cfg, found, run_id), extra, edit_of(found), cfg.model_options,
-        dtype_name(cfg.model_options), cfg.mlflow.checkpoint, edited_in_memory=False,
+        dtype_name(cfg.model_options), cfg.mlflow.checkpoint,
     )  # fmt: skip
 
 

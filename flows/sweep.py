@@ -61,7 +61,7 @@ from tasks.sweep.search import (
     make_proposer,
     run_search,
 )
-from tasks.sweep.trial import Trial, build_edit, export_trial
+from tasks.sweep.trial import Trial, build_edit
 from tasks.sweep.trials import TrialScore, install_references, prepare_trials
 
 log = logging.getLogger("compalign.sweep")
@@ -327,7 +327,6 @@ def _export(
         )
         mlflow.set_tag("export", "skipped: the picked trial adds a vector")
         return None
-    pool.call(0, export_trial, trial)
     uri = cfg.output.uri or f"checkpoints/{run_id}"
     params = trial.params()
     card = model_card(
@@ -344,7 +343,7 @@ def _export(
     weights = Edit(a.direction, a.attn_weights, a.mlp_weights, a.embed_weight)
     return save_edited(
         pool, 0, source, storage.absolute(uri), card, extra, weights, cfg.model_options,
-        dtype_name(cfg.model_options), cfg.mlflow.checkpoint, edited_in_memory=True,
+        dtype_name(cfg.model_options), cfg.mlflow.checkpoint,
     )  # fmt: skip
 
 

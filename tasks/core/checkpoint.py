@@ -11,7 +11,6 @@ from pathlib import Path
 from torch import nn
 
 from tasks.core import publish
-from tasks.core.worker import Worker
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +57,3 @@ def save_checkpoint(
             (stage / name).write_bytes(data)
 
     return publish_staged(uri, write)
-
-
-def save_loaded(worker: Worker, uri: str, card: str, extra_files: dict[str, bytes]) -> str:
-    """``save_checkpoint`` of the worker's (edited) model."""
-    return save_checkpoint(worker.loaded.model, worker.loaded.tokenizer, uri, card, extra_files)

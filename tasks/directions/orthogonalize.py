@@ -7,9 +7,7 @@ from torch import nn
 
 from tasks.core.errors import CompalignError
 from tasks.core.model import hidden_size
-from tasks.core.worker import Worker, sets_up
-from tasks.core.writers import coverage, coverage_report, residual_writers, untie_embeddings
-from tasks.directions.candidates import LayerWeights
+from tasks.core.writers import residual_writers, untie_embeddings
 
 
 def _weight_for(kind: str, layer: int | None, attn_weights, mlp_weights, embed_weight: float) -> float:
@@ -55,23 +53,3 @@ def orthogonalize_weights(
         param.data.copy_(moved.movedim(-1, writer.hidden_dim).to(param.dtype))
         edited.append(writer.name)
     return edited
-
-
-EDITED = "orthogonalized"
-"""What a worker keeps after an edit: the names of the tensors it edited (for the coverage report)."""
-
-
-@sets_up
-def orthogonalize_loaded(worker: Worker, direction: torch.Tensor, weights: LayerWeights | None = None) -> int:
-    """Orthogonalize the worker's model in place (fully, or with per-layer ``weights``); edited tensors."""
-    r = direction.to(worker.loaded.device)
-    if weights is None:
-        edited = orthogonalize_weights(worker.loaded.model, r)
-    else:
-        edited = orthogonalize_weights(worker.loaded.model, r, weights.attn, weights.mlp, weights.embed)
-    return len(worker.keep(EDITED, edited))
-
-
-def coverage_loaded(worker: Worker) -> dict:
-    """The coverage report of the worker's edit: every parameter, edited or left with the reason."""
-    return coverage_report(coverage(worker.loaded.model), worker.held(EDITED, list))

@@ -19,9 +19,7 @@ from torch import nn
 
 from tasks.core.errors import CompalignError
 from tasks.core.hooks import Ablation, Addition, intervene
-from tasks.core.worker import Worker, sets_up
 from tasks.directions.candidates import Candidates, interpolate_layer
-from tasks.directions.orthogonalize import EDITED, orthogonalize_weights
 from tasks.sweep.kernels import Kernel, first_active_layer, kernel_weights
 
 CANDIDATES = "sweep.candidates"
@@ -170,19 +168,3 @@ def _on_device(item, model: nn.Module):
     if isinstance(item, Ablation):
         return Ablation(item.direction.to(device), item.attn_weights, item.mlp_weights, item.embed_weight)
     return Addition(item.vector.to(device), item.layer)
-
-
-@sets_up
-def export_trial(worker: Worker, trial: Trial) -> int:
-    """Bake an ablation trial into the worker's weights (in place: it runs no more trials); edited tensors."""
-    ablation = build_edit(trial, worker.held(CANDIDATES, Candidates)).ablation
-    if ablation is None:
-        return 0
-    edited = orthogonalize_weights(
-        worker.loaded.model,
-        ablation.direction.to(worker.loaded.device),
-        ablation.attn_weights,
-        ablation.mlp_weights,
-        ablation.embed_weight,
-    )
-    return len(worker.keep(EDITED, edited))

@@ -157,27 +157,18 @@ def test_on_gpu_in_bfloat16(tokenizer):
     assert torch.isfinite(sums.sums).all() and sums.sums.device.type == "cpu"
 
 
-def test_a_workers_edit_is_reported_tensor_by_tensor(tokenizer):
-    from tasks.core.model import LoadedModel
-    from tasks.core.worker import Worker
-    from tasks.directions.candidates import LayerWeights
-    from tasks.directions.orthogonalize import coverage_loaded, orthogonalize_loaded
+def test_an_in_memory_edit_is_reported_tensor_by_tensor(tokenizer):
+    from tasks.core.writers import coverage, coverage_report
 
     model = make_tiny("llama", tokenizer, vocab=128)
-    worker = Worker(LoadedModel(model, tokenizer, "tiny", "tiny", "tiny"))
     clean = copy.deepcopy(model.state_dict())
-    weights = LayerWeights(torch.tensor([1.0, 0.0, 0.5]), torch.tensor([0.0, 1.0, 1.0]), 1.0)
-    assert orthogonalize_loaded(worker, _unit(64), weights) == 1 + 2 + 2
-    report = coverage_loaded(worker)
+    attn, mlp = torch.tensor([1.0, 0.0, 0.5]), torch.tensor([0.0, 1.0, 1.0])
+    names = orthogonalize_weights(model, _unit(64), attn, mlp)
+    assert len(names) == 1 + 2 + 2
+    report = coverage_report(coverage(model), names)
     changed = sorted(n for n, t in model.state_dict().items() if not torch.equal(t, clean[n]))
     assert report["edited"] == changed and "model.layers.2.self_attn.o_proj.weight" in changed
     assert report["left"]["model.layers.1.self_attn.o_proj.weight"] == "per-layer weight 0 at layer 1"
     assert report["left"]["model.layers.0.mlp.down_proj.weight"] == "per-layer weight 0 at layer 0"
     assert report["left"]["lm_head.weight"] == "output head: reads the final stream"  # untied: its own now
     assert len(report["edited"]) + len(report["left"]) == len(list(model.named_parameters()))
-    assert (
-        orthogonalize_loaded(
-            Worker(LoadedModel(make_tiny("llama", tokenizer, vocab=128), tokenizer, *"abc")), _unit(64)
-        )
-        == 7
-    )
