@@ -13,6 +13,7 @@ import logging
 from pathlib import Path
 
 import mlflow
+import torch
 
 from flows import _tracking as tracking
 from tasks.core.config import ModelOptions
@@ -48,14 +49,19 @@ def save_edited(
     checkpoint_mode: str,
 ) -> str:
     """Save ``edit`` of the checkpoint at ``source`` to ``uri`` (see the module docstring), checked against
-    worker ``worker``'s (unedited) model with the edit's hooks. Returns the location."""
+    worker ``worker``'s (unedited) model with the edit's hooks; the pool is shut down once that model's
+    logits are taken. Returns the location."""
     if not is_streamable(source):
         raise CompalignError(
             f"{source} holds no safetensors checkpoint (model.safetensors or its index) to edit; "
             "set output.save=false, or give the model as a safetensors folder"
         )
+    # The reference logits first: then the model workers go, so the shard tasks get this node's CPUs (the
+    # workers' placement group holds them) and memory.
+    expected = pool.call(worker, logits_loaded, CHECK_TEXTS, edit)
+    pool.shutdown()
     run = functools.partial(run_tasks, stage="orthogonalize shards", unit="shards", on_this_node=True)
-    check = functools.partial(_check, pool, worker, edit, opts, dtype)
+    check = functools.partial(_check, expected, opts, dtype)
     cards = functools.partial(with_coverage, card)
     done = stream_checkpoint(source, uri, edit, cards, run, extra, check=check)
     report, location = done.coverage, done.location
@@ -69,12 +75,8 @@ def save_edited(
     return location
 
 
-def _check(
-    pool: WorkerPool, worker: int, hooks: Edit | None, opts: ModelOptions, dtype: str, stage: Path
-) -> None:
-    """Load the staged checkpoint in a task and compare its logits with the worker's edited (or hooked)
-    model."""
-    expected = pool.call(worker, logits_loaded, CHECK_TEXTS, hooks)
+def _check(expected: torch.Tensor, opts: ModelOptions, dtype: str, stage: Path) -> None:
+    """Load the staged checkpoint in a task and compare its logits with ``expected``, the hooked model's."""
     (got,) = run_tasks(
         checkpoint_logits, [(str(stage), opts, CHECK_TEXTS)], stage="check the saved checkpoint",
         unit="checkpoints", on_this_node=True,
