@@ -27,9 +27,10 @@ from tasks.runtime.tasks import run_tasks
 log = logging.getLogger("compalign.save")
 
 CHECK_TEXTS = ["The capital of France is", "Write a short poem about the sea.", "1, 1, 2, 3, 5, 8,"]
-CHECK_TOLERANCE = {"float32": 1e-3, "float16": 0.1, "bfloat16": 0.5}
-"""Largest |logit difference| between the saved checkpoint and the model edited in memory: the streamed
-edit rounds once from float64, the in-memory one may have run in a lower precision."""
+CHECK_TOLERANCE = {"float32": 1e-2, "float16": 0.5, "bfloat16": 0.5}
+"""Largest |logit difference| allowed between the saved checkpoint and the hooked model. Hooks and edited
+weights round differently (up to 5e-4 on SmolLM2 in float32, tests/tasks/directions/test_orthogonalize.py);
+a missed or wrong writer moves logits by more than 1."""
 
 
 def with_coverage(card: str, report: dict) -> str:
