@@ -12,9 +12,10 @@ the one workers/CPUs/GPUs type.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from tasks.core.errors import choice, require
 
@@ -28,6 +29,12 @@ class Dtype(StrEnum):
     float32 = "float32"
     bfloat16 = "bfloat16"
     float16 = "float16"
+
+
+class Quantization(StrEnum):
+    none = "none"
+    bnb_4bit = "bnb_4bit"
+    bnb_8bit = "bnb_8bit"
 
 
 class CheckpointTracking(StrEnum):
@@ -47,13 +54,18 @@ class Resources:
     cpus_per_worker: float = 1
     """CPUs reserved per worker (also its torch thread count)."""
     gpus_per_worker: float = 0
-    """GPUs per worker (1 on a GPU cluster)."""
+    """GPUs per worker (1 on a GPU cluster). N > 1 (a whole number) spans one worker's model over its N
+    GPUs, layers balanced (for a model bigger than one GPU)."""
 
     def __post_init__(self) -> None:
-        key = self.key
+        key, gpus = self.key, self.gpus_per_worker
         require(self.workers > 0, f"{key}.workers must be > 0, got {self.workers}")
         require(self.cpus_per_worker > 0, f"{key}.cpus_per_worker must be > 0, got {self.cpus_per_worker}")
-        require(self.gpus_per_worker >= 0, f"{key}.gpus_per_worker must be >= 0, got {self.gpus_per_worker}")
+        require(gpus >= 0, f"{key}.gpus_per_worker must be >= 0, got {gpus}")
+        require(
+            gpus <= 1 or float(gpus).is_integer(),
+            f"{key}.gpus_per_worker above 1 must be a whole number of GPUs to span, got {gpus}",
+        )
 
 
 @dataclass
@@ -72,13 +84,42 @@ class ModelOptions:
     """Jinja chat template for a tokenizer that has none (otherwise the tokenizer's own is used)."""
     convert_cache: str | None = None
     """Directory where a GGUF model is converted to safetensors once (default ~/.cache/compalign/models)."""
+    quantization: str = "none"
+    """none, bnb_4bit or bnb_8bit: read the model through bitsandbytes' quantized layers (CUDA only) for
+    collection, scoring, trials and evaluation. The saved edit always streams from the full-precision
+    checkpoint, never from quantized weights."""
+    max_memory: Any = None  # a mapping; typed Any so that model_options.max_memory={cpu:20GiB} overrides it
+    """Split the model over devices with at most this much on each, as accelerate's max_memory:
+    {"0": "70GiB", "1": "70GiB", "cpu": "200GiB"}; layers that fit nowhere go to ``offload_folder`` on
+    disk. Null: one device, or (a worker with gpus_per_worker > 1) every visible GPU, balanced."""
+    offload_folder: str | None = None
+    """Where layers beyond ``max_memory`` are offloaded (default: a temporary directory of the worker)."""
 
     def __post_init__(self) -> None:
         self.dtype = choice(Dtype, self.dtype, "model_options.dtype")
+        self.quantization = choice(Quantization, self.quantization, "model_options.quantization")
         require(
             self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
             f"model_options.device must be auto, cpu, cuda or cuda:N, got {self.device!r}",
         )
+        require(
+            self.quantization == Quantization.none or self.device != "cpu",
+            f"model_options.quantization={self.quantization} runs on CUDA only (bitsandbytes kernels); "
+            "with model_options.device=cpu use model_options.quantization=none",
+        )
+        require(
+            self.max_memory is None or isinstance(self.max_memory, dict),
+            f"model_options.max_memory must be a mapping such as {{0: 70GiB, cpu: 200GiB}}, got {self.max_memory!r}",
+        )
+        for device, size in (self.max_memory or {}).items():
+            require(
+                str(device) in ("cpu", "disk") or str(device).isdigit(),
+                f"model_options.max_memory keys are GPU numbers, cpu or disk, got {device!r}",
+            )
+            require(
+                re.fullmatch(r"\d+(\.\d+)?\s*([KMGT]i?B)?", str(size).strip(), re.IGNORECASE) is not None,
+                f"model_options.max_memory.{device} must be bytes or a size such as 20GiB, got {size!r}",
+            )
 
 
 @dataclass

@@ -24,6 +24,7 @@ from torch import nn
 from tasks import DATA
 from tasks.core.config import PACKAGED_MODEL, PACKAGED_REFUSAL_MODEL, ModelOptions
 from tasks.core.errors import CompalignError, keyed
+from tasks.core.placement import placement_options, placement_summary
 
 log = logging.getLogger(__name__)
 
@@ -51,11 +52,13 @@ class LoadedModel:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        """Where inputs go: the token embedding's device (the first of a model split over devices)."""
+        return input_device(self.model)
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
+        """The compute dtype (a quantized model's float dtype, not its packed integer weights')."""
+        return self.model.dtype
 
 
 def resolve_device(opts: ModelOptions) -> torch.device:
@@ -66,6 +69,13 @@ def resolve_device(opts: ModelOptions) -> torch.device:
             f"model_options.device={opts.device} but CUDA is not available here; use cpu or auto"
         )
     return torch.device(opts.device)
+
+
+def input_device(model: nn.Module) -> torch.device:
+    """The device of the token embedding, where input ids go (on a model split over devices, the first;
+    an embedding offloaded to disk computes on the CPU)."""
+    device = model.get_input_embeddings().weight.device
+    return torch.device("cpu") if device.type == "meta" else device
 
 
 def resolve_dtype(opts: ModelOptions, device: torch.device) -> torch.dtype:
@@ -302,11 +312,18 @@ def load_model(name: str, opts: ModelOptions) -> LoadedModel:
     device = resolve_device(opts)
     dtype = resolve_dtype(opts, device)
     common = {"revision": opts.revision, "trust_remote_code": opts.trust_remote_code}
+    placement = placement_options(opts, device, dtype)
     try:
-        model = AutoModelForCausalLM.from_pretrained(spec.path, dtype=dtype, use_safetensors=True, **common)
+        model = AutoModelForCausalLM.from_pretrained(
+            spec.path, dtype=dtype, use_safetensors=True, **placement, **common
+        )
     except (OSError, ValueError) as exc:
         raise CompalignError(f"model={name}: cannot load its weights: {exc}") from exc
-    model.to(device).eval()
+    if not placement:
+        model.to(device)
+    else:
+        log.info("model %s placed: %s", name, placement_summary(model))
+    model.eval()
     model.requires_grad_(False)
     return LoadedModel(
         model=model, tokenizer=spec.tokenizer, name=name, identity=spec.identity, path=spec.path

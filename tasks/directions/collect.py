@@ -19,7 +19,7 @@ from tasks.core.forward import (
     tokenize,
 )
 from tasks.core.hooks import capture_residuals
-from tasks.core.model import hidden_size, num_layers
+from tasks.core.model import hidden_size, input_device, num_layers
 from tasks.core.prompts import format_chat
 from tasks.core.worker import Worker
 
@@ -63,7 +63,7 @@ def collect_activation_sums(
 
     Returns sums of shape (layers + 1, positions, hidden) in float64."""
     sums = torch.zeros((num_layers(model) + 1, positions, hidden_size(model)), dtype=torch.float64)
-    device = next(model.parameters()).device
+    device = input_device(model)
     split = split_shared_prefix(tokenize(tokenizer, format_chat(tokenizer, prompts)), keep=positions)
     shared = prefix_cache(model, split.prefix, 1, 1) if split.prefix_len else None
     # Similar lengths together: less padding, and the order is fixed, so results do not depend on input order.

@@ -27,7 +27,7 @@ from tasks.core.contrast import behaviour_log_odds, kl_divergence, kl_mask
 from tasks.core.errors import CompalignError
 from tasks.core.forward import last_logits, left_pad, pad_id, tokenize
 from tasks.core.hooks import Ablation, intervene
-from tasks.core.model import hidden_size
+from tasks.core.model import hidden_size, input_device
 from tasks.core.prompts import format_chat
 from tasks.core.worker import Worker, sets_up
 from tasks.directions.candidates import LayerWeights, check_direction
@@ -51,7 +51,7 @@ class Refined:
 
 def _logits(model: nn.Module, sequences: list[list[int]], pad: int) -> torch.Tensor:
     """Next-token logits (batch, vocab) of already tokenized prompts, with gradients when enabled."""
-    ids, mask = left_pad(sequences, pad, next(model.parameters()).device)
+    ids, mask = left_pad(sequences, pad, input_device(model))
     return last_logits(model, ids, mask)
 
 
@@ -76,7 +76,7 @@ class DirectionRefiner:
         self.model, self.token_ids = model, token_ids
         self.kl_weight, self.batch_size, self.weights = cfg.kl_weight, cfg.batch_size, weights
         self.start = check_direction(direction.detach().cpu(), hidden_size(model))
-        device = next(model.parameters()).device
+        device = input_device(model)
         # The unedited model's first-token distribution on the baseline prompts the KL counts, once.
         clean = next_token_logprobs(model, tokenizer, baseline, cfg.batch_size).to(device)
         counted = kl_mask(clean, token_ids, kl_prompts)
@@ -112,7 +112,7 @@ class DirectionRefiner:
             target_logits = _logits(self.model, [self.target[i] for i in t_rows], self.pad)
             baseline_logits = _logits(self.model, [self.baseline[i] for i in b_rows], self.pad)
         bypass = F.softplus(behaviour_log_odds(target_logits, self.token_ids)).mean()
-        kl = kl_divergence(self.clean[b_rows], baseline_logits).mean()
+        kl = kl_divergence(self.clean[b_rows].to(baseline_logits.device), baseline_logits).mean()
         loss = bypass + self.kl_weight * kl
         if loss.requires_grad:  # not when every removal weight is 0: r then changes nothing
             self.optimizer.zero_grad()

@@ -36,6 +36,7 @@ from tasks.core.forward import (
     tokenize,
 )
 from tasks.core.hooks import Ablation, Addition, capture_residuals, intervene
+from tasks.core.model import input_device
 from tasks.core.prompts import format_chat
 from tasks.core.worker import Worker, sets_up
 
@@ -84,7 +85,7 @@ class CandidateScorer:
         self.token_ids = token_ids
         self.batch_size = batch_size
         self.per_pass = candidates_per_pass
-        self.device = next(model.parameters()).device
+        self.device = input_device(model)
         prompts = ContrastPrompts(tokenizer, target_prompts, baseline_prompts, self.device, "scoring")
         self.prefix = prompts.prefix
         self.n_target, self.n_baseline = prompts.n_target, prompts.n_baseline
@@ -177,11 +178,11 @@ class CandidateScorer:
             # baseline rows that count for the KL (self.kl_rows is indexed by baseline prompt)
             pairs = zip(batch.is_target.tolist(), batch.index.tolist(), strict=True)
             for_kl = torch.tensor([not t and bool(self.kl_rows[i]) for t, i in pairs])
-            clean = self.clean_logp[batch.index[for_kl]].to(self.device)
+            clean = self.clean_logp[batch.index[for_kl]].to(logits.device)  # the last layer's device
             for k, slot in enumerate(slots):
                 bypass[slot].append(lo[k][batch.is_target])
                 if for_kl.any():
-                    part = logits[k * rows : (k + 1) * rows][for_kl.to(self.device)]
+                    part = logits[k * rows : (k + 1) * rows][for_kl.to(logits.device)]
                     kls[slot].append(kl_divergence(clean, part).cpu())
 
     def _induce_pass(self, layer: int, cands: list[Candidate], slots: list[int], induce: dict) -> None:
@@ -225,7 +226,7 @@ def reference_scores(
 ) -> list[CandidateScore]:
     """The plain loop the scorer replaces: per candidate, three full forward passes (bypass on target,
     KL and induce on baseline), full-length logits, no sharing. Used by tests and the benchmark."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     pad = pad_id(tokenizer)
 
     def logits_of(prompts: list[str]) -> torch.Tensor:

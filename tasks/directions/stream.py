@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import shutil
 import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -16,12 +15,12 @@ from pathlib import Path
 
 import torch
 
-from tasks.core import storage
+from tasks.core import publish, storage
 from tasks.core.errors import CompalignError
 from tasks.core.hooks import Ablation
+from tasks.core.model import file_sha256
 from tasks.core.tensorfile import Output, read_header, read_tensor, write_file
 from tasks.core.writers import Placement, place_all
-from tasks.directions.candidates import LayerWeights
 
 log = logging.getLogger(__name__)
 
@@ -41,22 +40,23 @@ class Edit:
     mlp: torch.Tensor | None = None
     embed: float = 1.0
 
+    def __post_init__(self) -> None:
+        parts = [
+            self.direction,
+            *(t for t in (self.attn, self.mlp) if t is not None),
+            torch.tensor(self.embed),
+        ]
+        if not all(bool(torch.isfinite(t).all()) for t in parts):
+            raise CompalignError(
+                "the edit to stream holds NaN or inf (its direction or per-layer weights): refusing to write "
+                "a checkpoint from it; check the direction file or the run that found it"
+            )
+
     def weight(self, p: Placement) -> float:
         if p.kind == "embed":
             return float(self.embed)
         weights = self.attn if p.kind == "attn" else self.mlp
         return 1.0 if weights is None else float(weights[p.layer])
-
-    def layer_weights(self) -> LayerWeights | None:
-        if self.attn is None and self.mlp is None and self.embed == 1.0:
-            return None
-        layers = len(self.attn if self.attn is not None else self.mlp)
-        ones = torch.ones(layers)
-        return LayerWeights(
-            self.attn if self.attn is not None else ones,
-            self.mlp if self.mlp is not None else ones,
-            float(self.embed),
-        )
 
     def ablation(self, device: torch.device) -> Ablation:
         """The same edit as hooks on the residual writers' outputs (equal to the edited weights)."""
@@ -156,7 +156,7 @@ def edit_shard(p: Plan, shard: str, stage: Path, edit: Edit) -> ShardResult:
     out, record = stage / shard, stage / f".{shard}.done.json"
     if out.exists() and record.exists():
         done = json.loads(record.read_text())
-        if done.get("key") == p.key and done.get("sha256") == _sha256(out):
+        if done.get("key") == p.key and done.get("sha256") == file_sha256(out):
             return ShardResult(shard, done["sha256"], done["edited"], done["left"], skipped=True)
     local, download = _local_copy(p, shard, stage)
     try:
@@ -194,7 +194,7 @@ def edit_shard(p: Plan, shard: str, stage: Path, edit: Edit) -> ShardResult:
     finally:
         if download:
             local.unlink(missing_ok=True)
-    result.sha256 = _sha256(out)
+    result.sha256 = file_sha256(out)
     record.write_text(json.dumps({"key": p.key, **asdict(result)}, indent=1))
     return result
 
@@ -240,16 +240,8 @@ def _local_copy(p: Plan, shard: str, stage: Path) -> tuple[Path, bool]:
     return local, True
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(16 * 1024**2):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def finish(
-    p: Plan, stage: Path, results: list[ShardResult], card: str, extra_files: dict[str, bytes]
+    p: Plan, stage: Path, results: list[ShardResult], report: dict, card: str, extra_files: dict[str, bytes]
 ) -> None:
     """Write the index, the config (embeddings untied), the copied side files, the model card,
     ``extra_files`` and ``coverage.json`` into ``stage``."""
@@ -264,21 +256,17 @@ def finish(
     for name in p.other_files:
         fs, path = storage.filesystem(storage.join(p.source, name))
         fs.get(path, str(stage / name))
-    (stage / "coverage.json").write_text(json.dumps(coverage_report(results), indent=1))
+    (stage / "coverage.json").write_text(json.dumps(report, indent=1))
     (stage / "README.md").write_text(card, encoding="utf-8")
     for name, data in extra_files.items():
         (stage / name).write_bytes(data)
 
 
-def coverage_report(results: list[ShardResult]) -> dict:
+def merged_coverage(results: list[ShardResult]) -> dict:
     """{"edited": [names], "left": {name: reason}} over all shards, sorted (as ``writers.coverage_report``)."""
     edited = sorted(n for r in results for n in r.edited)
     left = dict(sorted((n, why) for r in results for n, why in r.left.items()))
     return {"edited": edited, "left": left}
-
-
-def discard_stage(stage: Path) -> None:
-    shutil.rmtree(stage, ignore_errors=True)
 
 
 @dataclass
@@ -319,13 +307,11 @@ def stream_checkpoint(
         log.info(
             "streamed edit: %d of %d shards were already written by an interrupted run", skipped, len(results)
         )
-    report = coverage_report(results)
-    finish(p, stage, results, card(report) if callable(card) else card, extra_files or {})
+    report = merged_coverage(results)
+    finish(p, stage, results, report, card(report) if callable(card) else card, extra_files or {})
     if check is not None:
         check(stage)
     for res in results:  # the records only serve a rerun of this stage
         (stage / f".{res.name}.done.json").unlink(missing_ok=True)
-    from tasks.core import publish
-
     location = publish.publish_dir(stage, target, overwrite=True)
     return Streamed(location, report, len(results), skipped)

@@ -13,6 +13,7 @@ from tasks.core.bootstrap import RateInterval, bootstrap_rate
 from tasks.core.concept_config import EvalConfig, HarnessConfig, JudgeConfig
 from tasks.core.contrast import kl_divergence
 from tasks.core.forward import chunks, left_pad, pad_id, positions_from_mask, tokenize
+from tasks.core.model import input_device
 from tasks.core.prompts import format_chat
 from tasks.core.worker import Worker
 from tasks.evaluation.harness import run_harness
@@ -29,7 +30,7 @@ def generate(
     progress: Callable[[int], None] | None = None,
 ) -> list[str]:
     """Greedy answers to raw instructions (chat-formatted here), in input order."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     sequences = tokenize(tokenizer, format_chat(tokenizer, prompts))
     order = sorted(range(len(prompts)), key=lambda i: len(sequences[i]))
     answers: list[str] = [""] * len(prompts)
@@ -159,7 +160,7 @@ def judge_answers(
 @torch.inference_mode()
 def next_token_logprobs(model: nn.Module, tokenizer, prompts: list[str], batch_size: int) -> torch.Tensor:
     """Log-probabilities of the first generated token: (prompts, vocab) float32, input order."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     sequences = tokenize(tokenizer, format_chat(tokenizer, prompts))
     rows = []
     for group in chunks(sequences, batch_size):
@@ -179,7 +180,7 @@ def mean_kl(before: torch.Tensor, after: torch.Tensor) -> float:
 @torch.inference_mode()
 def perplexity(model: nn.Module, tokenizer, text: str, max_tokens: int, window: int = 512) -> float:
     """Perplexity of the first ``max_tokens`` tokens of ``text``, in non-overlapping windows."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     ids = tokenizer(text, add_special_tokens=False).input_ids[:max_tokens]
     nll, count = 0.0, 0
     for start in range(0, len(ids) - 1, window):
@@ -187,7 +188,7 @@ def perplexity(model: nn.Module, tokenizer, text: str, max_tokens: int, window: 
         if piece.shape[1] < 2:
             break
         logits = model(input_ids=piece[:, :-1]).logits.float()
-        nll += float(torch.nn.functional.cross_entropy(logits[0], piece[0, 1:], reduction="sum"))
+        nll += float(torch.nn.functional.cross_entropy(logits[0], piece[0, 1:].to(logits.device), reduction="sum"))
         count += piece.shape[1] - 1
     return math.exp(nll / count)
 

@@ -19,7 +19,7 @@ from torch import nn
 from tasks.core.errors import CompalignError
 from tasks.core.forward import chunks, pad_id
 from tasks.core.hooks import residual_input_module
-from tasks.core.model import num_layers
+from tasks.core.model import input_device, num_layers
 from tasks.core.worker import Worker
 from tasks.directions.candidates import load_direction
 from tasks.sft.data import Conversation, assistant_spans, fingerprint
@@ -157,7 +157,7 @@ def answer_scores(
     """Per conversation, the highest over its assistant turns of the mean projection, on the unit
     ``direction``, of the residual stream at ``layer`` over the turn's answer tokens (the first
     ``tokens`` of them; None: all). Conversations without an answer score -inf."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     unit = (direction / direction.norm()).to(device=device, dtype=torch.float32)
     encoded = []
     for messages in conversations:

@@ -19,6 +19,7 @@ from torch import nn
 
 from tasks.core.errors import CompalignError
 from tasks.core.hooks import Ablation, Addition, intervene
+from tasks.core.model import input_device
 from tasks.directions.candidates import Candidates, interpolate_layer
 from tasks.sweep.kernels import Kernel, first_active_layer, kernel_weights
 
@@ -164,7 +165,7 @@ def applied(model: nn.Module, edit: TrialEdit | None) -> Iterator[None]:
 def _on_device(item, model: nn.Module):
     if item is None:
         return None
-    device = next(model.parameters()).device
+    device = input_device(model)
     if isinstance(item, Ablation):
         return Ablation(item.direction.to(device), item.attn_weights, item.mlp_weights, item.embed_weight)
     return Addition(item.vector.to(device), item.layer)

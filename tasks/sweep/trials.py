@@ -23,6 +23,7 @@ from tasks.core.contrast import ContrastPrompts, behaviour_log_odds, kl_divergen
 from tasks.core.errors import CompalignError, choice
 from tasks.core.forward import chunks, last_logits, left_pad, prefix_cache, run_from_layer
 from tasks.core.hooks import capture_residuals
+from tasks.core.model import input_device
 from tasks.core.worker import Worker, sets_up
 from tasks.directions.candidates import Candidates
 from tasks.sweep.config import BehaviourRate
@@ -101,7 +102,7 @@ class TrialEvaluator:
         rate = choice(BehaviourRate, rate, "search.rate")
         self.model, self.token_ids, self.resume = model, token_ids, resume
         self.threshold, self.rate, self.kl_prompts = threshold, rate, kl_prompts
-        self.device = next(model.parameters()).device
+        self.device = input_device(model)
         prompts = ContrastPrompts(
             tokenizer, target_prompts, baseline_prompts, self.device, "trial evaluation"
         )

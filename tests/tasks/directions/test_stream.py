@@ -189,3 +189,13 @@ def test_blockwise_removal_equals_the_whole_tensor_formula(dtype, monkeypatch):
         expected = (moved - 0.7 * (moved @ r)[..., None] * r).movedim(-1, dim).to(dtype)
         remove_along(t, dim, r, 0.7)
         assert torch.equal(t, expected), (shape, dim)
+
+
+def test_a_non_finite_edit_is_refused_before_anything_is_written(tmp_path):
+    r = torch.zeros(8)
+    r[3] = float("nan")
+    with pytest.raises(CompalignError, match="holds NaN or inf"):
+        Edit(r)
+    with pytest.raises(CompalignError, match="holds NaN or inf"):
+        Edit(torch.ones(8) / 8**0.5, attn=torch.tensor([1.0, float("inf")]))
+    assert not any(tmp_path.iterdir())

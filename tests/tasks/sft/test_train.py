@@ -31,7 +31,9 @@ STEPS = 8
 PROBE = list(range(100, 124))
 
 
-def _job(model_dir, tokenizer, train: TrainConfig, stage: int, output: str) -> TrainJob:
+def _job(
+    model_dir, tokenizer, train: TrainConfig, stage: int, output: str, precision: str = "fp32"
+) -> TrainJob:
     convs = load_conversations(SftDataConfig(name="chat_small", source="bundled:chat_small"))
     train_rows, val_rows = split_train_val(convs, 0.1, 0)
     train_set, _ = tokenize_set(tokenizer, train_rows, 96, packing=False)
@@ -44,8 +46,8 @@ def _job(model_dir, tokenizer, train: TrainConfig, stage: int, output: str) -> T
         tokenizer=tokenizer,
         train=train,
         lora=LoraSettings(),
-        deepspeed=deepspeed_config(DeepSpeedSettings(stage=stage), train, "fp32"),
-        precision="fp32",
+        deepspeed=deepspeed_config(DeepSpeedSettings(stage=stage), train, precision),
+        precision=precision,
         train_data=ray.put(train_set),
         val_data=ray.put(val_set),
         packed=False,
