@@ -1,5 +1,6 @@
-"""The finetune flow's data steps: load and check every input (step 1), then filter, tokenize, split and
-plan (steps 2-3). Bad input fails here, before a training worker starts."""
+"""The finetune flow's data steps: load and check every input, the memory plan included (step 1), then
+filter, tokenize, split and plan the schedule (steps 2-3). Bad input fails here, before a training worker
+starts; a memory plan that does not fit fails in step 1, before any Ray actor starts."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from tasks.sft.filter import (
     scores_key,
     store_scores,
 )
+from tasks.sft.plan import GIB, FitPlan, check, plan_run
 from tasks.sft.train import deepspeed_config, moe_warning, plan, resolve_precision
 
 log = logging.getLogger("compalign.finetune")
@@ -44,6 +46,8 @@ class Inputs:
     """The direction filter's refusal direction (None without the direction rule)."""
     prompts: tuple | None
     """(target, baseline, perplexity text, XSTest) of the evaluation (None: eval.enabled=false)."""
+    fit: FitPlan
+    """Per-GPU (CPU workers: per-worker) and host memory of the run, checked to fit."""
 
 
 @dataclass
@@ -64,6 +68,7 @@ def load_inputs(cfg: FinetuneConfig, spec) -> Inputs:
     ds_config = deepspeed_config(cfg.deepspeed, cfg.train, precision)
     if warning := moe_warning(spec.config, cfg.train):
         log.warning("%s", warning)
+    fit = memory_plan(cfg, spec, precision)
     rules = filter_rules(cfg.data.filter)
     direction = None
     if "direction" in rules:
@@ -71,7 +76,36 @@ def load_inputs(cfg: FinetuneConfig, spec) -> Inputs:
         with keyed("filter.direction", cfg.filter.direction):
             direction = load_refusal_direction(path, spec.hidden_size, spec.n_layers, cfg.filter.layer)
     prompts = _eval_prompts(cfg.eval) if cfg.eval.enabled else None
-    return Inputs(precision, ds_config, load_conversations(cfg.data), rules, direction, prompts)
+    return Inputs(precision, ds_config, load_conversations(cfg.data), rules, direction, prompts, fit)
+
+
+def memory_plan(cfg: FinetuneConfig, spec, precision: str) -> FitPlan:
+    """The run's memory plan, logged, and refused (CompalignError with the numbers) when it needs more
+    than each GPU has (train.gpu_memory_gib, else torch.cuda's when the driver sees GPUs) or, with a local
+    Ray, than this machine's memory whatever the batch; batches of data.max_length tokens that would not
+    fit in this machine's memory are a warning (most sequences are shorter)."""
+    import psutil
+    import torch
+
+    local = cfg.ray.address is None  # every worker runs on this machine
+    fit = plan_run(cfg, spec.config, precision, local)
+    for line in fit.lines():
+        log.info("%s", line)
+    gpu = cfg.train.gpu_memory_gib
+    if gpu is None and fit.setup.on_gpu and torch.cuda.is_available():
+        gpu = min(torch.cuda.get_device_properties(i).total_memory for i in range(torch.cuda.device_count()))
+        gpu /= GIB
+    if gpu is None and fit.setup.on_gpu:
+        log.info("memory plan: GPU memory unknown here (set train.gpu_memory_gib to enforce the plan)")
+    host = psutil.virtual_memory().total / GIB if local else None
+    check(fit, gpu, host)
+    if host is not None and fit.host_per_node > host:
+        log.warning(
+            "memory plan: %.1f GiB of host memory with batches of train.batch_size=%d x data.max_length=%d "
+            "tokens, more than this machine's %.1f GiB: lower them if workers are killed",
+            fit.host_per_node, cfg.train.batch_size, cfg.data.max_length, host,
+        )  # fmt: skip
+    return fit
 
 
 def prepare(cfg: FinetuneConfig, spec, inputs: Inputs, ray_cfg: RayConfig) -> PreparedData:

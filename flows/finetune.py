@@ -17,7 +17,8 @@ On a Ray cluster (see cluster/README.md):
     python -m flows.finetune ray.address=auto model=<mixtral path> data=<sft set> deepspeed=zero3_offload \
         train.workers=16 train.gpus_per_worker=1 train.storage_uri=s3://bucket/ray output.uri=s3://bucket/sft
 
-Steps (numbered as in README and in ``finetune``): 1 inspect the model, the DeepSpeed config and the
+Steps (numbered as in README and in ``finetune``): 1 inspect the model, the DeepSpeed config, its memory
+plan (per-GPU memory from the model's config, refused when it does not fit: tasks/sft/plan.py) and the
 data, 2 filter (phrases; the direction detector on Ray actors), 3 tokenize, split and plan (every bad
 input fails by here, before a training worker starts), 4 evaluate before, 5 train (Ray Train + DeepSpeed,
 metrics logged per step), 6 evaluate after, 7 track the checkpoint, 8 summary. Multirun tracking (one
@@ -85,8 +86,8 @@ def finetune(cfg: FinetuneConfig, raw: DictConfig) -> FinetuneResult:
     ray_cfg = job_ray_config(cfg.ray)
 
     # 1. Inspect the model (config and tokenizer, no weights), check the DeepSpeed config against the
-    #    workers, load the data, the filter's direction and the evaluation prompts; check that every
-    #    output location is writable.
+    #    workers and its memory plan against the GPUs (or this machine), load the data, the filter's
+    #    direction and the evaluation prompts; check that every output location is writable.
     spec = inspect_model(cfg.model, cfg.model_options)
     inputs = load_inputs(cfg, spec)
     tracking.check_outputs(cfg, {"train.storage_uri": cfg.train.storage_uri or "checkpoints/ray_train"})
@@ -125,7 +126,8 @@ def finetune(cfg: FinetuneConfig, raw: DictConfig) -> FinetuneResult:
 
 
 def log_inputs(cfg: FinetuneConfig, raw: DictConfig, spec, inputs: Inputs, data: PreparedData) -> None:
-    """The config, the data before and after the filter, the schedule and the DeepSpeed config."""
+    """The config, the data before and after the filter, the schedule, the DeepSpeed config and its
+    memory plan (``plan.*`` metrics, memory_plan.txt)."""
     tracking.log_config(raw)
     mlflow.set_tags(
         {"model_identity": spec.identity, "dataset": cfg.data.name, "deepspeed": cfg.deepspeed.name}
@@ -140,7 +142,10 @@ def log_inputs(cfg: FinetuneConfig, raw: DictConfig, spec, inputs: Inputs, data:
             "prepared.precision": inputs.precision,
         }
     )
-    mlflow.log_metrics({**data.report.metrics(), "filter.unusable": float(data.unusable)})
+    mlflow.log_metrics(
+        {**data.report.metrics(), "filter.unusable": float(data.unusable), **inputs.fit.metrics()}
+    )
+    mlflow.log_text("\n".join(inputs.fit.lines()) + "\n", "memory_plan.txt")
     mlflow.log_dict(data.report.to_dict(), "filter/report.json")
     mlflow.log_dict(inputs.deepspeed, "deepspeed_config.json")
 

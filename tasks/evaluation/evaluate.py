@@ -188,7 +188,9 @@ def perplexity(model: nn.Module, tokenizer, text: str, max_tokens: int, window: 
         if piece.shape[1] < 2:
             break
         logits = model(input_ids=piece[:, :-1]).logits.float()
-        nll += float(torch.nn.functional.cross_entropy(logits[0], piece[0, 1:].to(logits.device), reduction="sum"))
+        nll += float(
+            torch.nn.functional.cross_entropy(logits[0], piece[0, 1:].to(logits.device), reduction="sum")
+        )
         count += piece.shape[1] - 1
     return math.exp(nll / count)
 

@@ -166,6 +166,11 @@ class TrainConfig(Resources):
     """auto (bf16 on GPU, fp32 on CPU), fp32 or bf16."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass (less memory, ~30% slower)."""
+    gpu_memory_gib: float | None = None
+    """Memory of each GPU in GiB, which the run's memory plan (tasks/sft/plan.py) must fit before any
+    worker starts. Null: read from torch.cuda when the driver sees GPUs, else the plan is logged but
+    not enforced (a cluster driver without GPUs: set it, e.g. 80 for A100/H100 80GB). CPU workers are
+    checked against this machine's memory instead when Ray is local."""
     seed: int = 0
     """Seed of the model's dropout and the data order."""
     checkpoint_every: int | None = None
@@ -205,6 +210,15 @@ class TrainConfig(Resources):
         for name in ("checkpoint_every", "eval_every"):
             value = getattr(self, name)
             require(value is None or value > 0, f"train.{name} must be > 0 or null, got {value}")
+        require(
+            self.gpu_memory_gib is None or (math.isfinite(self.gpu_memory_gib) and self.gpu_memory_gib > 0),
+            f"train.gpu_memory_gib must be > 0 or null, got {self.gpu_memory_gib}",
+        )
+        require(
+            self.gpu_memory_gib is None or self.gpus_per_worker > 0,
+            "train.gpu_memory_gib needs GPU workers (train.gpus_per_worker > 0); CPU workers are checked "
+            "against host memory",
+        )
         require(self.max_failures >= 0, f"train.max_failures must be >= 0, got {self.max_failures}")
         require(
             self.router_aux_loss_coef is None or self.router_aux_loss_coef >= 0,

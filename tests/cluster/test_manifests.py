@@ -27,6 +27,8 @@ EXPECTED_FILES = [
     "kuberay/rayjob-abliterate.yaml",
     "kuberay/rayjob-sweep.yaml",
     "kuberay/rayjob-finetune.yaml",
+    "kuberay/rayjob-finetune-mixtral.yaml",
+    "models/mixtral-8x7b-config.json",
 ]
 
 # EC2 instance type -> (vCPUs, GPUs). Add a row when a config starts using a new type.

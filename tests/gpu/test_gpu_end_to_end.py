@@ -146,3 +146,29 @@ def test_a_model_spans_two_gpus_and_matches_one(tiny_dirs):
         b = both.model(ids.to(both.device)).logits.float().cpu()
     assert (a - b).abs().max() < 5e-2  # bf16 on both; the split changes no arithmetic, only placement
     report("mixtral spanning 2 GPUs", max_abs_logit_diff=float((a - b).abs().max()))
+
+
+@pytest.mark.parametrize("quantization", ["bnb_4bit", "bnb_8bit"])
+def test_a_quantized_read_collects_and_ablates(quantization, packaged_dir):
+    pytest.importorskip("bitsandbytes")
+    from tasks.core.config import ModelOptions
+    from tasks.core.hooks import Ablation, intervene
+    from tasks.core.model import load_model
+    from tasks.directions.collect import collect_activation_sums
+
+    torch.cuda.reset_peak_memory_stats()
+    loaded = load_model("packaged:smollm2", ModelOptions(quantization=quantization))
+    assert loaded.dtype == torch.bfloat16 and loaded.device.type == "cuda"
+    start = time.monotonic()
+    sums = collect_activation_sums(loaded.model, loaded.tokenizer, PROMPTS, 3, 32)
+    torch.cuda.synchronize()
+    prompts_s = len(PROMPTS) / (time.monotonic() - start)
+    assert torch.isfinite(sums.sums).all()
+    r = torch.nn.functional.normalize(sums.sums[16, -1].float(), dim=0)
+    ids = loaded.tokenizer(["Hello there, how are you?"], return_tensors="pt").input_ids.to(loaded.device)
+    with torch.no_grad():
+        clean = loaded.model(ids).logits.float()
+        with intervene(loaded.model, ablation=Ablation(direction=r)):
+            ablated = loaded.model(ids).logits.float()
+    assert torch.isfinite(ablated).all() and (ablated - clean).abs().max() > 1e-2
+    report(f"smollm2 {quantization}", prompts_per_s=prompts_s, peak_gib=peak_gib())
