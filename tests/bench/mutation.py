@@ -34,9 +34,19 @@ MODULES = {
     # S3 paths against a moto server on loopback (started per mutant: the slowest part of the run)
     "tasks/core/storage.py": ["tests/tasks/core/test_storage.py", "tests/integrations/test_storage_s3.py"],
     "tasks/core/publish.py": ["tests/tasks/core/test_publish.py", "tests/integrations/test_storage_s3.py"],
+    # The streamed save, the writers' placement rules, device placement and the SFT memory plan
+    "tasks/directions/stream.py": ["tests/tasks/directions/test_stream.py"],
+    "tasks/core/writers.py": [
+        "tests/tasks/core/test_writers.py",
+        "tests/tasks/core/test_model.py",
+        "tests/tasks/directions/test_stream.py",
+        "tests/tasks/directions/test_orthogonalize.py",
+    ],
+    "tasks/core/placement.py": ["tests/tasks/core/test_placement.py"],
+    "tasks/sft/plan.py": ["tests/tasks/sft/test_plan.py", "tests/tasks/sft/test_plan_cli.py"],
 }
 # The slow ones (a real model, 90 concurrent publishes) are left to the full suite.
-DESELECT = "not smollm2 and not concurrent and not gpu"
+DESELECT = "not smollm2 and not concurrent and not gpu and not flow_refuses"  # + a flow in a subprocess
 KILLED = ("killed", "timeout")
 
 
@@ -49,7 +59,7 @@ def config(modules: list[str]) -> str:
         f"only_mutate = {quoted(modules)}\n"
         f"pytest_add_cli_args_test_selection = {quoted(tests)}\n"
         f'pytest_add_cli_args = ["-p", "no:cacheprovider", "-k", "{DESELECT}"]\n'
-        'also_copy = ["flows", "conf"]\n'
+        'also_copy = ["flows", "conf", "cluster"]\n'
         "timeout_constant = 10.0\n"  # a fork's start varies by seconds on a busy machine: no false timeouts
     )
 

@@ -11,7 +11,7 @@ from tasks.core.contrast import behaviour_token_ids
 from tasks.core.errors import CompalignError
 from tasks.core.hooks import Ablation, intervene
 from tasks.core.model import load_model
-from tasks.core.placement import placement_options
+from tasks.core.placement import placement_options, placement_summary
 from tasks.directions.candidates import difference_of_means
 from tasks.directions.collect import collect_activation_sums
 from tasks.directions.orthogonalize import orthogonalize_weights
@@ -46,6 +46,11 @@ def test_split_model_collects_scores_and_ablates_as_the_whole_one(kind, tiny_dir
     split = load_model(str(tiny_dirs[kind]), _split_options(tmp_path, tiny_dirs[kind]))
     placed = split.model.hf_device_map
     assert placed.get("model.layers.0") == "cpu" and placed.get("model.layers.2") == "disk", placed
+    counts = {d: sum(v == d for v in placed.values()) for d in ("cpu", "disk")}
+    assert (
+        placement_summary(split.model) == f"{counts['cpu']} modules on cpu, {counts['disk']} modules on disk"
+    )
+    assert placement_summary(whole.model) == "all on cpu"
     sums = {}
     for name, loaded in (("whole", whole), ("split", split)):
         t = collect_activation_sums(loaded.model, loaded.tokenizer, TARGET, 2, 3)
@@ -125,3 +130,42 @@ def test_split_model_runs_trials_and_refinement_as_the_whole_one(tiny_dirs, tmp_
         assert b.mean_log_odds == pytest.approx(a.mean_log_odds, rel=1e-5, abs=1e-6)
         assert b.kl == pytest.approx(a.kl, rel=1e-5, abs=1e-7)
     assert torch.allclose(results["whole"][1].direction, results["split"][1].direction, atol=1e-5)
+
+
+def test_quantized_and_multi_gpu_placement_on_cuda(monkeypatch):
+    """What a CUDA worker asks transformers for (the environment is faked: no GPU here; the load itself
+    is in tests/gpu)."""
+    import importlib.util
+
+    cuda = torch.device("cuda")
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "bitsandbytes" else real_find_spec(name, *a),
+    )
+    with pytest.raises(
+        CompalignError, match=r"model_options.quantization=bnb_4bit needs bitsandbytes: pip install"
+    ):
+        placement_options(ModelOptions(quantization="bnb_4bit"), cuda, torch.bfloat16)
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: object() if name == "bitsandbytes" else real_find_spec(name, *a),
+    )
+    four = placement_options(ModelOptions(quantization="bnb_4bit"), cuda, torch.bfloat16)
+    q = four["quantization_config"]
+    assert four["device_map"] == {"": cuda} and set(four) == {"device_map", "quantization_config"}
+    assert q.load_in_4bit and not q.load_in_8bit and q.bnb_4bit_quant_type == "nf4"
+    assert q.bnb_4bit_compute_dtype == torch.bfloat16
+    eight = placement_options(ModelOptions(quantization="bnb_8bit"), cuda, torch.bfloat16)[
+        "quantization_config"
+    ]
+    assert eight.load_in_8bit and not eight.load_in_4bit
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert placement_options(ModelOptions(), cuda, torch.bfloat16) == {"device_map": "balanced"}
+    assert placement_options(ModelOptions(), torch.device("cuda:1"), torch.bfloat16) == {}  # one named GPU
+    both = placement_options(ModelOptions(quantization="bnb_8bit"), cuda, torch.bfloat16)
+    assert both["device_map"] == "balanced" and both["quantization_config"].load_in_8bit
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert placement_options(ModelOptions(), cuda, torch.bfloat16) == {}

@@ -108,3 +108,15 @@ def test_the_report_and_its_table_group_layers_and_experts(tokenizer):
     assert "| `model.layers.*.mlp.experts.down_proj` | 2 | edited |" in table
     assert "| `model.layers.*.mlp.experts.down_proj` | 1 | left: per-layer weight 0 at layer 1 |" in table
     assert "| `model.layers.*.mlp.gate.weight` | 3 | left: router: reads the stream |" in table
+
+
+@pytest.mark.parametrize(("count", "tail"), [(20, ""), (21, " and 1 more"), (25, " and 5 more")])
+def test_unknown_tensors_are_named_up_to_twenty(count, tail):
+    names = [f"model.layers.0.mlp.mystery{i:02d}.weight" for i in range(count)]
+    with pytest.raises(CompalignError) as err:
+        place_all([(n, (8, 8)) for n in names], 8, "ckpt/shard-1")
+    shown = ", ".join(names[:20])
+    assert str(err.value) == (
+        "ckpt/shard-1: cannot tell whether these tensors write into the residual stream, so an edit could "
+        f"miss them: {shown}{tail}"
+    )

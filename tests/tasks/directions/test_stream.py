@@ -199,3 +199,128 @@ def test_a_non_finite_edit_is_refused_before_anything_is_written(tmp_path):
     with pytest.raises(CompalignError, match="holds NaN or inf"):
         Edit(torch.ones(8) / 8**0.5, attn=torch.tensor([1.0, float("inf")]))
     assert not any(tmp_path.iterdir())
+
+
+def _checkpoint(folder: Path, config: dict, shards: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
+    """A hand-made checkpoint: config.json, shards with an index (or one model.safetensors), side files."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config))
+    shards = shards or {"model.safetensors": {"model.embed_tokens.weight": torch.ones(4, 8)}}
+    for name, tensors in shards.items():
+        save_file(tensors, str(folder / name))
+    if len(shards) > 1:
+        weight_map = {t: name for name, tensors in shards.items() for t in tensors}
+        (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    for name in ("README.md", "tokenizer.json", "generation_config.json"):
+        (folder / name).write_text("{}")
+    return folder
+
+
+def test_plan_reads_shards_side_files_width_and_tying(tmp_path):
+    from tasks.directions.stream import plan
+
+    r = _unit(8)
+    two = {
+        "a.safetensors": {"model.embed_tokens.weight": torch.ones(4, 8)},
+        "b.safetensors": {"lm_head.weight": torch.ones(4, 8)},
+    }
+    p = plan(
+        str(_checkpoint(tmp_path / "m", {"hidden_size": 8, "tie_word_embeddings": True}, two)) + "/", Edit(r)
+    )
+    assert p.shards == ["a.safetensors", "b.safetensors"] and p.source == str(tmp_path / "m")
+    assert p.other_files == ["generation_config.json", "tokenizer.json"]  # the card is written anew
+    assert not p.tied and p.hidden == 8  # the head has its own tensor: nothing to untie
+    single = _checkpoint(tmp_path / "s", {"text_config": {"hidden_size": 8}, "tie_word_embeddings": True})
+    p1 = plan(str(single), Edit(r))
+    assert p1.shards == ["model.safetensors"] and p1.tied and p1.hidden == 8 and p1.weight_map == {}
+    assert not plan(str(_checkpoint(tmp_path / "u", {"hidden_size": 8})), Edit(r)).tied
+
+
+def test_plan_key_follows_the_content_and_the_edit(tmp_path):
+    from tasks.directions.stream import plan
+
+    r = _unit(8)
+    a = _checkpoint(tmp_path / "a", {"hidden_size": 8, "x": 1, "y": 2})
+    b = _checkpoint(tmp_path / "b", {"y": 2, "x": 1, "hidden_size": 8})  # the same config, keys reordered
+    assert plan(str(a), Edit(r)).key == plan(str(b), Edit(r)).key
+    assert plan(str(a), Edit(r)).key != plan(str(a), Edit(_unit(8, seed=4))).key
+    c = _checkpoint(tmp_path / "c", {"hidden_size": 8, "x": 1, "y": 3})
+    assert plan(str(c), Edit(r)).key != plan(str(a), Edit(r)).key
+    d = _checkpoint(
+        tmp_path / "d", {"hidden_size": 8, "x": 1, "y": 2}, {"model.safetensors": {"w": torch.ones(5, 8)}}
+    )
+    assert plan(str(d), Edit(r)).key != plan(str(a), Edit(r)).key  # another shard size
+
+
+def test_plan_refuses_missing_shards_and_a_config_without_width(tmp_path):
+    from tasks.directions.stream import plan
+
+    two = {"a.safetensors": {"e": torch.ones(2, 8)}, "b.safetensors": {"h": torch.ones(2, 8)}}
+    folder = _checkpoint(tmp_path / "m", {"hidden_size": 8}, two)
+    (folder / "b.safetensors").unlink()
+    with pytest.raises(CompalignError, match=r"the index names shards that are not there: b.safetensors$"):
+        plan(str(folder), Edit(_unit(8)))
+    with pytest.raises(CompalignError, match=r"config.json has no hidden_size"):
+        plan(str(_checkpoint(tmp_path / "n", {"vocab_size": 4})), Edit(_unit(8)))
+
+
+def test_the_published_folder_holds_index_card_extras_and_pt_shards(tmp_path):
+    """A single-file checkpoint without metadata, a tied head, a nested new target, a card made from the
+    coverage, extra files, and a check that sees the finished stage."""
+    src = _checkpoint(
+        tmp_path / "src",
+        {"hidden_size": 8, "tie_word_embeddings": True, "model_type": "llama"},
+        {
+            "model.safetensors": {
+                "model.embed_tokens.weight": torch.randn(4, 8),
+                "model.norm.weight": torch.ones(8),
+            }
+        },
+    )
+    seen = []
+
+    def check(stage: Path) -> None:
+        seen.append(sorted(p.name for p in stage.iterdir() if not p.name.startswith(".")))
+
+    target = tmp_path / "new" / "deeper" / "out"
+    done = stream_checkpoint(
+        str(src), str(target), Edit(_unit(8)), lambda report: f"edited {len(report['edited'])}",
+        extra_files={"direction.safetensors": b"raw bytes"}, check=check,
+    )  # fmt: skip
+    files = {p.name for p in target.iterdir()}
+    assert seen == [sorted(files)] and "model.safetensors.index.json" in files
+    assert (target / "README.md").read_text(encoding="utf-8") == "edited 1"
+    assert (target / "direction.safetensors").read_bytes() == b"raw bytes"
+    assert (target / "tokenizer.json").read_text() == "{}" and not any(
+        n.endswith(".done.json") for n in files
+    )
+    index = json.loads((target / "model.safetensors.index.json").read_text())
+    assert index["metadata"]["total_size"] == (target / "model.safetensors").stat().st_size
+    assert set(index["weight_map"]) == {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"}
+    assert read_header(target / "model.safetensors").metadata == {"format": "pt"}  # what transformers expects
+    assert json.loads((target / "config.json").read_text())["tie_word_embeddings"] is False
+    assert (
+        done.coverage["left"]["lm_head.weight"]
+        == "output head: reads the final stream (untied from the embedding)"
+    )
+    assert json.loads((target / "coverage.json").read_text()) == done.coverage
+
+
+def test_a_shard_whose_file_is_gone_is_written_again_despite_its_record(tmp_path, tokenizer):
+    model = _saved("llama", tmp_path / "src", tokenizer)
+    r = _unit(model.config.hidden_size)
+    whole = stream_checkpoint(str(tmp_path / "src"), str(tmp_path / "whole"), Edit(r), "card")
+
+    def crash_at_the_end(fn, calls):
+        for args in calls:
+            fn(*args)
+        raise RuntimeError("driver lost")
+
+    with pytest.raises(RuntimeError, match="driver lost"):
+        stream_checkpoint(str(tmp_path / "src"), str(tmp_path / "out"), Edit(r), "card", run=crash_at_the_end)
+    stage = next(tmp_path.glob(".out.partial-*"))
+    gone = sorted(stage.glob("*.safetensors"))[0]
+    gone.unlink()  # its .done.json record stays
+    done = stream_checkpoint(str(tmp_path / "src"), str(tmp_path / "out"), Edit(r), "card")
+    assert done.skipped == whole.shards - 1
+    assert _files(tmp_path / "out") == _files(tmp_path / "whole")

@@ -21,7 +21,17 @@ from flows._common import to_config
 from flows.finetune import FinetuneConfig  # registers the schema the compose below needs
 from tasks.core.errors import CompalignError, ConfigError
 from tasks.sft.config import LoraSettings, TrainConfig
-from tasks.sft.plan import GIB, Setup, check, count_model, deepspeed_estimate, main, plan_fit, plan_run
+from tasks.sft.plan import (
+    GIB,
+    ModelCounts,
+    Setup,
+    check,
+    count_model,
+    deepspeed_estimate,
+    main,
+    plan_fit,
+    plan_run,
+)
 from tests.cluster.test_manifests import _flow_of
 from tests.conftest import REPO, compose, tiny_config
 
@@ -250,3 +260,108 @@ def test_the_general_finetune_rayjob_fits_its_gpus(mixtral_config):
     fit = plan_run(cfg, mixtral_config, "bf16", local=False)
     check(fit, cfg.train.gpu_memory_gib)
     assert fit.per_gpu < cfg.train.gpu_memory_gib
+
+
+@pytest.mark.parametrize(
+    "kind,width,router,gather,unit",
+    [  # h 64, 4 heads of 16, 2 kv heads: 4h + 3 x 64 + 2 x 32 = 512, then the MLP's 5 x intermediate
+        ("llama", 512 + 5 * 128, 0, 512 * 64, "largest module"),  # the embedding
+        ("mixtral", 512 + 2 * (2 * 64 + 5 * 96), 2 * 4, 4 * 3 * 64 * 96 + 4 * 64, "MixtralSparseMoeBlock"),
+        ("qwen2_moe", 512 + 2 * (2 * 64 + 5 * 48) + 2 * 64 + 5 * 64, 2 * 4,
+         4 * 3 * 64 * 48 + 4 * 64 + 3 * 64 * 64 + 64, "Qwen2MoeSparseMoeBlock"),
+    ],
+)  # fmt: skip
+def test_count_model_activation_widths_and_gather_unit(kind, width, router, gather, unit):
+    counts = count_model(tiny_config(kind, 512))
+    assert (counts.token_width, counts.router_width, counts.gather) == (width, router, gather)
+    assert counts.gather_unit == (unit if unit == "largest module" else f"{unit}, a leaf module")
+    assert (counts.name, counts.layers, counts.hidden, counts.vocab) == (kind, 3, 64, 512)
+
+
+def test_count_model_head_dim_name_and_frozen_shared_expert_router():
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(**{**tiny_config("llama", 512).to_dict(), "head_dim": 32})
+    config._name_or_path = "org/tiny"
+    counts = count_model(config)
+    assert counts.token_width == 4 * 64 + 3 * 4 * 32 + 2 * 2 * 32 + 5 * 128 and counts.name == "org/tiny"
+    qwen = count_model(tiny_config("qwen2_moe", 512), freeze_router=True)
+    assert qwen.total - qwen.trainable == 3 * 4 * 64  # the routers' gates, not the shared expert's gate
+
+
+TOY = ModelCounts(
+    "toy", 3_000_000_000, 2_000_000_000, 100_000_000, "largest module", 10, 1000, 50_000, 9000, 16
+)
+
+
+def _setup(stage=3, opt=False, par=False, checkpointing=True, precision="bf16", workers=4, gpus=1.0, **kw):
+    return Setup(workers, gpus, stage, opt, par, 2, 512, checkpointing, precision, **kw)
+
+
+def _bytes(plan) -> tuple[float, ...]:
+    fields = ("weights", "states", "gathered", "activations", "logits", "buffers", "host_per_worker")
+    return tuple(getattr(plan, f) * GIB for f in fields)
+
+
+# 1024 tokens; a layer keeps 1024 x (9000 x e + 16 x 4) bytes, checkpointing 10 x 1024 x 1000 x e + one layer.
+BF16_LAYER, FP32_LAYER = 1024 * (9000 * 2 + 64), 1024 * (9000 * 4 + 64)
+BF16_CKPT, BF16_LOGITS = 10 * 1024 * 1000 * 2 + BF16_LAYER, 1024 * 50_000 * 14
+
+
+@pytest.mark.parametrize(
+    "setup,expected",
+    [
+        (_setup(), (1.5e9, 8e9, 4e8, BF16_CKPT, BF16_LOGITS, 1e9 + 2 * GIB, GIB)),
+        (_setup(checkpointing=False), (1.5e9, 8e9, 4e8, 10 * BF16_LAYER, BF16_LOGITS, 1e9 + 2 * GIB, GIB)),
+        (_setup(par=True), (0, 8e9, 4e8, BF16_CKPT, BF16_LOGITS, 1e9 + 2 * GIB, 1.5e9 + GIB)),
+        (_setup(opt=True), (1.5e9, 0, 4e8, BF16_CKPT, BF16_LOGITS, 1e9 + 2 * GIB, 8e9 + GIB)),
+        (_setup(2, opt=True, precision="fp32"),
+         (1.2e10, 0, 0, 10 * 1024 * 1000 * 4 + FP32_LAYER, 1024 * 50_000 * 16, 2e9 + 2 * GIB, 8e9 + GIB)),
+        (_setup(1, reduce_bucket=10**8), (6e9, 4e9 + 8e9, 0, BF16_CKPT, BF16_LOGITS, 2e8 + 2 * GIB, GIB)),
+        (_setup(0), (6e9, 3.6e10, 0, BF16_CKPT, BF16_LOGITS, 2 * GIB, GIB)),
+    ],
+)  # fmt: skip
+def test_plan_fit_bytes_by_stage_offload_and_precision(setup, expected):
+    assert _bytes(plan_fit(TOY, setup)) == pytest.approx(expected, abs=0.5)
+
+
+def test_cpu_workers_plan_lines_and_metrics():
+    cpu = plan_fit(replace(TOY, trainable=10**8), _setup(2, workers=2, gpus=0, precision="fp32"))
+    device = 1.2e10 + 18e8 / 2 + 10 * 1024 * 1000 * 4 + FP32_LAYER + 1024 * 50_000 * 16 + 4e8 + GIB
+    assert cpu.buffers * GIB == 4e8 + GIB and cpu.host_per_worker * GIB == pytest.approx(device, abs=0.5)
+    assert cpu.lines() == [
+        "memory plan: toy, 3.00B parameters (0.1B trainable), largest ZeRO-3 gather 0.1B (largest module)",
+        "  2 workers x CPU, ZeRO-2, offload none, fp32, micro-batch 2 x 512 tokens, gradient checkpointing on",
+        "  model states 12.01 GiB (weights 11.18, grads/optimizer 0.84, gathered 0.00), activations 0.07 + "
+        "logits 0.76, buffers 1.37",
+        "  per worker 14.22 GiB; host 14.22 GiB per worker, 28.4 GiB per node of 2 workers",
+    ]
+    assert cpu.metrics() == {
+        "plan.params": 3e9, "plan.trainable_params": 1e8, "plan.model_states_gib": cpu.model_states,
+        "plan.worker_gib": cpu.per_worker, "plan.activations_gib": cpu.activations + cpu.logits,
+        "plan.host_node_gib": 2 * cpu.per_worker,
+    }  # fmt: skip
+    assert cpu.activations + cpu.logits == pytest.approx(
+        (10 * 1024 * 1000 * 4 + FP32_LAYER + 819_200_000) / GIB
+    )
+
+
+def test_gpu_plan_lines_and_metrics():
+    counts = replace(TOY, total=2_005_000_001, trainable=1_005_000_001, gather=1_005_000_001)
+    gpu = plan_fit(counts, _setup(opt=True, par=True, checkpointing=False, workers=3, gpus=0.5))
+    assert gpu.lines() == [
+        "memory plan: toy, 2.01B parameters (1.01B trainable), largest ZeRO-3 gather 1.01B (largest module)",
+        "  3 workers x 0.5 GPU, ZeRO-3, offload optimizer+params, bf16, micro-batch 2 x 512 tokens, gradient "
+        "checkpointing off",
+        f"  model states {gpu.model_states:.2f} GiB (weights 0.00, grads/optimizer 0.00, gathered 3.74), "
+        "activations 0.17 + logits 0.67, buffers 2.93",
+        f"  per GPU {2 * gpu.per_worker:.2f} GiB; host {gpu.host_per_worker:.2f} GiB per worker, "
+        f"{3 * gpu.host_per_worker:.1f} GiB per node of 3 workers",
+    ]
+    assert gpu.metrics() == {
+        "plan.params": 2_005_000_001.0, "plan.trainable_params": 1_005_000_001.0,
+        "plan.model_states_gib": gpu.model_states, "plan.worker_gib": gpu.per_worker,
+        "plan.activations_gib": gpu.activations + gpu.logits, "plan.host_node_gib": 3 * gpu.host_per_worker,
+        "plan.gpu_gib": 2 * gpu.per_worker,
+    }  # fmt: skip
+    assert gpu.activations + gpu.logits == pytest.approx((10 * BF16_LAYER + BF16_LOGITS) / GIB)
