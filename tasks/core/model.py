@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 import uuid
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -323,6 +324,8 @@ def load_model(name: str, opts: ModelOptions) -> LoadedModel:
         model.to(device)
     else:
         log.info("model %s placed: %s", name, placement_summary(model))
+        if "offload_folder" in placement and not opts.offload_folder:
+            weakref.finalize(model, shutil.rmtree, placement["offload_folder"], True)
     model.eval()
     model.requires_grad_(False)
     return LoadedModel(

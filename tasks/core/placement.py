@@ -62,20 +62,21 @@ def placement_options(opts: ModelOptions, device: torch.device, dtype: torch.dty
     if max_memory is not None:
         out["device_map"] = "auto"
         out["max_memory"] = max_memory
+        # Safetensors weights are read in place, so the folder usually stays empty; a temporary one is
+        # removed with the model (load_model).
         out["offload_folder"] = opts.offload_folder or tempfile.mkdtemp(prefix="compalign-offload-")
     elif several_gpus:
         out["device_map"] = "balanced"
     elif quantization is not None:
-        out["device_map"] = {
-            "": device
-        }  # bitsandbytes quantizes while placing; a quantized model cannot .to()
+        # bitsandbytes quantizes while placing, and a quantized model cannot be moved with .to()
+        out["device_map"] = {"": device}
     if quantization is not None:
         out["quantization_config"] = quantization
     return out
 
 
 def placement_summary(model) -> str:
-    """``"12 modules on 0, 12 on 1, 2 on disk"``: how a split model's modules were placed."""
+    """``"12 modules on 0, 12 modules on 1, 2 modules on disk"``: how a split model's modules were placed."""
     device_map = getattr(model, "hf_device_map", None) or {}
     counts = Counter(str(device) for device in device_map.values())
     if not counts:
